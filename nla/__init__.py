@@ -1,0 +1,3 @@
+"""nla — Natural Language Autoencoders."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,298 @@
+"""`nla extract`: corpus → activation dataset (DESIGN.md §3).
+
+The forward pass stops at block K: a hook on that block raises, so the later blocks, the final
+norm and the LM head never run. Documents are processed in fixed shards of ``docs_per_shard``;
+each shard is written atomically, so a killed run resumes at the first missing shard and the
+result equals an uninterrupted run row for row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from nla.config import opt, save_config
+from nla.data.corpus import Document, load_corpus
+from nla.data.store import SPLITS, ActivationDataset, make_table, shard_name, write_table
+from nla.errors import NLAError
+from nla.meta import META_NAME, DatasetMeta, write_yaml
+from nla.models.layers import check_layer, decoder_blocks, default_layer, hidden_size, num_layers
+
+
+@dataclass
+class ExtractConfig:
+    out: str = opt("", help="output dataset folder")
+    model: str = opt("default", help="model: hub id, local path, 'default' (SmolLM2-135M), 'gemma3-270m' or 'tiny:<arch>'")
+    layer: int | None = opt(None, help="layer K = output of decoder block K (0-based) = hidden_states[K+1]; default (2*n_layers)//3")
+    corpus: str = opt("builtin", help="'builtin', a text/JSONL/Parquet file, a folder of .txt files, or hf:NAME[:CONFIG][:SPLIT]")
+    text_column: str = opt("text", help="text column of JSONL/Parquet/HF corpora")
+    id_column: str = opt("id", help="document id column of JSONL/Parquet/HF corpora (row number if absent)")
+    docs: int | None = opt(None, help="use only the first N documents")
+    positions_per_doc: int = opt(5, help="positions sampled per document")
+    min_position: int = opt(50, help="never sample a token before this index")
+    seq_len: int = opt(512, help="truncate documents to this many tokens")
+    batch_size: int = opt(8, help="documents per forward pass")
+    seed: int = opt(0, help="seed for position sampling and the split (keyed per document)")
+    dtype: str = opt("float32", help="model dtype (vectors are always stored in fp32)")
+    device: str = opt("auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    split: str = opt("av_sft=0.4,ar_sft=0.3,rl=0.2,eval=0.1", help="document-level split fractions")
+    docs_per_shard: int = opt(256, help="documents per Parquet shard (the unit of resume)")
+
+
+def parse_split(spec: str) -> dict[str, float]:
+    fractions: dict[str, float] = {}
+    for part in spec.split(","):
+        if "=" not in part:
+            raise NLAError(f"--split: {part!r} is not NAME=FRACTION")
+        name, value = part.split("=", 1)
+        name = name.strip()
+        if name not in SPLITS:
+            raise NLAError(f"--split: unknown split {name!r} (splits: {', '.join(SPLITS)})")
+        try:
+            fractions[name] = float(value)
+        except ValueError:
+            raise NLAError(f"--split: {value!r} is not a number") from None
+    total = sum(fractions.values())
+    if total <= 0 or any(v < 0 for v in fractions.values()):
+        raise NLAError("--split: fractions must be non-negative and not all zero")
+    return {k: fractions.get(k, 0.0) / total for k in SPLITS}
+
+
+def doc_seed(seed: int, doc_id: str, salt: str) -> int:
+    """A stable 64-bit seed per document (Python's hash() changes per process)."""
+    digest = hashlib.sha256(f"{seed}\x00{salt}\x00{doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def assign_split(seed: int, doc_id: str, fractions: dict[str, float]) -> str:
+    u = doc_seed(seed, doc_id, "split") / 2**64
+    acc = 0.0
+    for name in SPLITS:
+        acc += fractions[name]
+        if u < acc:
+            return name
+    return SPLITS[-1]
+
+
+def sample_positions(
+    seed: int, doc_id: str, special_mask: list[int], n: int, min_position: int
+) -> list[int]:
+    candidates = [p for p in range(min_position, len(special_mask)) if not special_mask[p]]
+    if len(candidates) <= n:
+        return candidates
+    rng = np.random.default_rng(doc_seed(seed, doc_id, "positions"))
+    return sorted(int(p) for p in rng.choice(candidates, size=n, replace=False))
+
+
+class _StopForward(Exception):
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+class BlockOutput:
+    """Run a model up to block K and return that block's output, skipping everything after.
+
+    Used as a context manager around forward calls; works for any architecture because the
+    block list is found by structure (:func:`decoder_blocks`).
+    """
+
+    def __init__(self, model: torch.nn.Module, layer: int):
+        self.model = model
+        self.block = decoder_blocks(model)[layer]
+        self.handle: Any = None
+
+    def __enter__(self) -> BlockOutput:
+        def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            raise _StopForward(hidden)
+
+        self.handle = self.block.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Explicit position ids: with left padding the default positions would be shifted.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        except _StopForward as stop:
+            return stop.hidden
+        raise RuntimeError("block hook did not fire")  # pragma: no cover
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if side == "right":
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        else:
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def block_states(
+    runner: BlockOutput, seqs: list[list[int]], pad_id: int, device: torch.device, side: str = "right"
+) -> list[torch.Tensor]:
+    """Per-sequence ``[len, d]`` block-K states for a padded batch (padding stripped)."""
+    ids, mask = pad_batch(seqs, pad_id, side)
+    hidden = runner(ids.to(device), mask.to(device)).float().cpu()
+    out = []
+    width = ids.shape[1]
+    for i, s in enumerate(seqs):
+        start = 0 if side == "right" else width - len(s)
+        out.append(hidden[i, start : start + len(s)])
+    return out
+
+
+def _meta_for(cfg: ExtractConfig, model_spec: str, layer: int, d_model: int, n_layers: int) -> DatasetMeta:
+    return DatasetMeta(
+        base_model=model_spec,
+        layer_index=layer,
+        d_model=d_model,
+        n_layers=n_layers,
+        corpus=cfg.corpus,
+        sampling={
+            "docs": cfg.docs,
+            "positions_per_doc": cfg.positions_per_doc,
+            "min_position": cfg.min_position,
+            "seq_len": cfg.seq_len,
+            "seed": cfg.seed,
+            "text_column": cfg.text_column,
+            "docs_per_shard": cfg.docs_per_shard,
+        },
+        split_fractions=parse_split(cfg.split),
+    )
+
+
+def check_compatible(existing: DatasetMeta, wanted: DatasetMeta, where: Path) -> None:
+    old, new = existing.settings(), wanted.settings()
+    for key in new:
+        if old.get(key) != new[key]:
+            raise NLAError(
+                f"{where}: existing dataset was made with {key}={old.get(key)!r}, this run asks for "
+                f"{new[key]!r}; use another --out or delete the folder"
+            )
+
+
+def extract(cfg: ExtractConfig) -> ActivationDataset:
+    from nla.models.loading import canonical_spec, load_model, pick_device
+
+    if not cfg.out:
+        raise NLAError("extract: --out is required")
+    if cfg.positions_per_doc < 1 or cfg.batch_size < 1 or cfg.docs_per_shard < 1:
+        raise NLAError("extract: --positions-per-doc, --batch-size and --docs-per-shard must be ≥ 1")
+    out = Path(cfg.out)
+    docs = load_corpus(cfg.corpus, text_column=cfg.text_column, id_column=cfg.id_column, max_docs=cfg.docs)
+    spec = canonical_spec(cfg.model)
+    device = pick_device(cfg.device)
+    model, tokenizer = load_model(spec, dtype=cfg.dtype, device=device)
+    n_layers = num_layers(model.config)
+    layer = check_layer(default_layer(n_layers) if cfg.layer is None else cfg.layer, n_layers)
+    cfg.layer = layer
+    meta = _meta_for(cfg, spec, layer, hidden_size(model.config), n_layers)
+
+    if (out / META_NAME).exists():
+        existing = ActivationDataset.open(out)
+        check_compatible(existing.meta, meta, out)
+        if existing.meta.complete:
+            print(f"{out}: already complete ({existing.meta.rows} rows); nothing to do")
+            return existing
+    elif out.exists() and any(out.iterdir()):
+        raise NLAError(f"{out}: folder exists and is not an activation dataset; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_yaml(out / META_NAME, meta.to_dict())
+    save_config(cfg, out / "extract_config.yaml")
+
+    shards = [docs[i : i + cfg.docs_per_shard] for i in range(0, len(docs), cfg.docs_per_shard)]
+    todo = [i for i in range(len(shards)) if not (out / shard_name(i)).exists()]
+    done_docs = sum(len(shards[i]) for i in range(len(shards)) if i not in todo)
+    runner = BlockOutput(model, layer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bar = tqdm(total=len(docs), initial=done_docs, unit="doc", desc="extract", dynamic_ncols=True)
+    tokens_seen, started = 0, time.perf_counter()
+    with runner:
+        for index in todo:
+            table, n_tokens = _extract_shard(cfg, shards[index], tokenizer, runner, pad_id, device, meta, bar)
+            write_table(out / shard_name(index), table)
+            tokens_seen += n_tokens
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(tok_s=f"{tokens_seen / elapsed:,.0f}")
+    bar.close()
+    dataset = ActivationDataset.open(out)
+    dataset.meta = meta
+    dataset.finalize_stats()
+    print(f"{out}: {dataset.meta.rows} rows, d_model={meta.d_model}, layer {layer} of {n_layers}")
+    return dataset
+
+
+def _extract_shard(
+    cfg: ExtractConfig,
+    docs: list[Document],
+    tokenizer: Any,
+    runner: BlockOutput,
+    pad_id: int,
+    device: torch.device,
+    meta: DatasetMeta,
+    bar: Any,
+) -> tuple[Any, int]:
+    encoded = []
+    for doc in docs:
+        enc = tokenizer(
+            doc.text, add_special_tokens=True, truncation=True, max_length=cfg.seq_len,
+            return_special_tokens_mask=True,
+        )
+        ids = list(enc["input_ids"])
+        positions = sample_positions(cfg.seed, doc.doc_id, enc["special_tokens_mask"], cfg.positions_per_doc, cfg.min_position)
+        encoded.append((doc, ids, positions))
+    # Sorting by length inside the shard keeps padding small; rows go back in document order.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][1]))
+    states: dict[int, torch.Tensor] = {}
+    n_tokens = 0
+    for start in range(0, len(order), cfg.batch_size):
+        batch = [i for i in order[start : start + cfg.batch_size] if encoded[i][2]]
+        if batch:
+            outs = block_states(runner, [encoded[i][1] for i in batch], pad_id, device)
+            for i, hidden in zip(batch, outs):
+                states[i] = hidden[encoded[i][2]]
+                n_tokens += len(encoded[i][1])
+        bar.update(len(order[start : start + cfg.batch_size]))
+    rows: dict[str, list[Any]] = {"doc_id": [], "position": [], "context": [], "split": []}
+    vectors = []
+    for i, (doc, ids, positions) in enumerate(encoded):
+        if not positions:
+            continue
+        split = assign_split(cfg.seed, doc.doc_id, meta.split_fractions)
+        for p in positions:
+            rows["doc_id"].append(doc.doc_id)
+            rows["position"].append(p)
+            rows["context"].append(tokenizer.decode(ids[: p + 1], skip_special_tokens=True))
+            rows["split"].append(split)
+        vectors.append(states[i])
+    vecs = torch.cat(vectors) if vectors else torch.zeros((0, meta.d_model))
+    if not torch.isfinite(vecs).all():
+        raise NLAError("extract: the model produced NaN/inf activations (try --dtype float32)")
+    return make_table(rows, vecs, meta.d_model), n_tokens
+
+
+def register(sub: Any) -> None:
+    from nla.config import add_config_args, resolve_config
+
+    p = sub.add_parser("extract", help="corpus → activation dataset (Parquet shards + nla_meta.yaml)",
+                       description="Extract residual-stream activations at layer K (the output of decoder "
+                       "block K, 0-based = hidden_states[K+1]) for sampled positions of each document.")
+    add_config_args(p, ExtractConfig)
+    p.set_defaults(func=lambda args: extract(resolve_config(ExtractConfig, args, section="extract")))

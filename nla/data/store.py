@@ -1,0 +1,275 @@
+"""The activation dataset on disk (DESIGN.md §3): Parquet shards + ``nla_meta.yaml``.
+
+Vectors are stored as ``FixedSizeList<float32>[d]``: a variable-length list column silently
+corrupts once a buffer passes 4 GiB, a fixed-size list has no offsets to overflow. Every shard
+is written to a temporary name and renamed, so a kill leaves whole shards or none: a resumed
+stage trusts whatever shards it finds.
+
+Also reads and writes the single-file layout published with the paper's code: one Parquet file
+with an ``activation_vector`` column and a ``<file>.nla_meta.yaml`` sidecar.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from nla.errors import NLAError
+from nla.meta import META_NAME, DatasetMeta, read_yaml, write_yaml
+
+SPLITS = ("av_sft", "ar_sft", "rl", "eval")
+TRAINING_SPLITS = ("av_sft", "ar_sft", "rl")
+MEAN_VECTOR_NAME = "mean_vector.safetensors"
+VECTOR_COLUMN = "activation_vector"
+
+
+def dataset_schema(d_model: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("doc_id", pa.string()),
+            ("position", pa.int32()),
+            ("context", pa.string()),
+            (VECTOR_COLUMN, pa.list_(pa.float32(), d_model)),
+            ("split", pa.string()),
+            ("explanation", pa.string()),
+        ]
+    )
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def vectors_to_arrow(vectors: np.ndarray | torch.Tensor) -> pa.FixedSizeListArray:
+    arr = vectors.detach().float().cpu().numpy() if isinstance(vectors, torch.Tensor) else np.asarray(vectors, np.float32)
+    if arr.ndim != 2:
+        raise NLAError(f"expected a 2-D array of vectors, got shape {arr.shape}")
+    flat = pa.array(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1), type=pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, arr.shape[1])
+
+
+def arrow_to_vectors(column: pa.ChunkedArray | pa.Array, d_model: int | None = None) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], type=column.type)
+    if pa.types.is_fixed_size_list(column.type):
+        width = column.type.list_size
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        out = np.asarray(values, dtype=np.float32).reshape(-1, width)
+    else:
+        # The variable-length layout some tools write: accept it on read, never write it.
+        out = np.asarray(column.to_pylist(), dtype=np.float32)
+        if out.ndim != 2:
+            raise NLAError("activation_vector rows have different lengths")
+    if d_model is not None and out.shape[0] and out.shape[1] != d_model:
+        raise NLAError(f"activation_vector has width {out.shape[1]}, sidecar says d_model={d_model}")
+    return out
+
+
+def write_table(path: Path, table: pa.Table) -> None:
+    """Atomic Parquet write (temp name + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def make_table(rows: dict[str, Sequence[Any]], vectors: np.ndarray | torch.Tensor, d_model: int) -> pa.Table:
+    """A table in the dataset schema; missing string columns are filled with nulls."""
+    n = len(vectors)
+    schema = dataset_schema(d_model)
+    arrays = []
+    for f in schema:
+        if f.name == VECTOR_COLUMN:
+            arrays.append(vectors_to_arrow(vectors))
+        elif f.name in rows:
+            arrays.append(pa.array(list(rows[f.name]), type=f.type))
+        else:
+            arrays.append(pa.nulls(n, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def nice_ceil(x: float) -> float:
+    """A round number just above x (two significant figures): the default injection scale."""
+    if x <= 0 or not math.isfinite(x):
+        return 1.0
+    step = 10 ** (math.floor(math.log10(x)) - 1)
+    return float(round(math.floor(x / step + 1) * step, 10))
+
+
+def sidecar_for_file(path: Path) -> Path:
+    """``data.parquet`` → ``data.parquet.nla_meta.yaml`` (or ``data.nla_meta.yaml`` if present)."""
+    long = path.with_name(path.name + ".nla_meta.yaml")
+    short = path.with_name(path.stem + ".nla_meta.yaml")
+    return short if short.exists() and not long.exists() else long
+
+
+class ActivationDataset:
+    """An activation dataset: a folder of shards, or one Parquet file with a sidecar."""
+
+    def __init__(self, path: Path, meta: DatasetMeta, shards: list[Path], meta_path: Path):
+        self.path = path
+        self.meta = meta
+        self.shards = shards
+        self.meta_path = meta_path
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | Path) -> ActivationDataset:
+        path = Path(path)
+        if not path.exists():
+            raise NLAError(f"{path}: dataset not found")
+        if path.is_dir():
+            meta_path = path / META_NAME
+            if not meta_path.exists():
+                raise NLAError(f"{path}: not an activation dataset (no {META_NAME}); run `nla extract`")
+            meta = DatasetMeta.from_dict(read_yaml(meta_path), meta_path)
+            shards = sorted(path.glob("part-*.parquet"))
+            return cls(path, meta, shards, meta_path)
+        if path.suffix != ".parquet":
+            raise NLAError(f"{path}: expected a dataset folder or a .parquet file")
+        meta_path = sidecar_for_file(path)
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise NLAError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        if VECTOR_COLUMN not in schema.names:
+            raise NLAError(f"{path}: no {VECTOR_COLUMN!r} column (columns: {', '.join(schema.names)})")
+        data = read_yaml(meta_path) if meta_path.exists() else {}
+        if "d_model" not in data:
+            vtype = schema.field(VECTOR_COLUMN).type
+            if pa.types.is_fixed_size_list(vtype):
+                data["d_model"] = vtype.list_size
+            else:
+                first = pq.read_table(path, columns=[VECTOR_COLUMN]).slice(0, 1)
+                data["d_model"] = len(first.column(0)[0]) if first.num_rows else 0
+        data.setdefault("layer_index", data.get("extraction_layer_index", -1))
+        data.setdefault("complete", True)
+        data.setdefault("rows", pq.read_metadata(path).num_rows)
+        meta = DatasetMeta.from_dict(data, meta_path)
+        return cls(path, meta, [path], meta_path)
+
+    @property
+    def is_single_file(self) -> bool:
+        return self.path.is_file()
+
+    @property
+    def d_model(self) -> int:
+        return self.meta.d_model
+
+    def __len__(self) -> int:
+        return sum(pq.read_metadata(s).num_rows for s in self.shards)
+
+    def save_meta(self) -> None:
+        write_yaml(self.meta_path, self.meta.to_dict())
+
+    # ---------------------------------------------------------------- reading
+    def read_shard(self, shard: Path, columns: list[str] | None = None) -> pa.Table:
+        table = pq.read_table(shard, columns=columns)
+        return self._fill_missing(table, columns)
+
+    def _fill_missing(self, table: pa.Table, columns: list[str] | None) -> pa.Table:
+        # Published single files may lack our bookkeeping columns; give them defaults.
+        wanted = columns or [f.name for f in dataset_schema(self.d_model)]
+        n = table.num_rows
+        for name in wanted:
+            if name in table.column_names:
+                continue
+            if name == "split":
+                table = table.append_column(name, pa.array(["eval"] * n, pa.string()))
+            elif name == "position":
+                table = table.append_column(name, pa.array([-1] * n, pa.int32()))
+            elif name == "doc_id":
+                table = table.append_column(name, pa.array([f"row{i}" for i in range(n)], pa.string()))
+            else:
+                table = table.append_column(name, pa.nulls(n, pa.string()))
+        return table
+
+    def iter_shards(self, columns: list[str] | None = None) -> Iterator[tuple[Path, pa.Table]]:
+        for shard in self.shards:
+            yield shard, self.read_shard(shard, columns)
+
+    def table(self, columns: list[str] | None = None, split: str | Sequence[str] | None = None) -> pa.Table:
+        cols = columns
+        if split is not None and cols is not None and "split" not in cols:
+            cols = [*cols, "split"]
+        tables = [t for _, t in self.iter_shards(cols)]
+        if not tables:
+            return dataset_schema(self.d_model).empty_table()
+        table = pa.concat_tables(tables)
+        if split is not None:
+            wanted = [split] if isinstance(split, str) else list(split)
+            mask = pa.compute.is_in(table.column("split"), value_set=pa.array(wanted))
+            table = table.filter(mask)
+            if columns is not None and "split" not in columns:
+                table = table.drop(["split"])
+        return table
+
+    def vectors(self, split: str | Sequence[str] | None = None) -> torch.Tensor:
+        table = self.table([VECTOR_COLUMN], split=split)
+        return torch.from_numpy(arrow_to_vectors(table.column(VECTOR_COLUMN), self.d_model).copy())
+
+    def rows(self, split: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Rows without the vector column (cheap to hold)."""
+        names = [f.name for f in dataset_schema(self.d_model) if f.name != VECTOR_COLUMN]
+        return self.table(names, split=split).to_pylist()
+
+    def mean_vector(self) -> torch.Tensor:
+        """μ of DESIGN.md §6: mean of the normalised training vectors."""
+        from safetensors.torch import load_file
+
+        if self.meta.mean_vector:
+            file = self.meta_path.parent / self.meta.mean_vector
+            if file.exists():
+                return load_file(str(file))["mean"].float()
+        return normalized_mean(self.vectors(TRAINING_SPLITS))
+
+    # ---------------------------------------------------------------- writing
+    def replace_shard(self, shard: Path, table: pa.Table) -> None:
+        if table.column_names != self.read_shard(shard).column_names and not self.is_single_file:
+            table = table.select([f.name for f in dataset_schema(self.d_model)])
+        write_table(shard, table)
+
+    def finalize_stats(self) -> None:
+        """Norm statistics, the training mean vector and the suggested injection scale."""
+        from safetensors.torch import save_file
+
+        vecs = self.vectors()
+        if len(vecs) == 0:
+            raise NLAError(f"{self.path}: dataset has no rows (corpus too short for --min-position?)")
+        norms = vecs.norm(dim=-1)
+        train = self.vectors(TRAINING_SPLITS)
+        mean = normalized_mean(train if len(train) else vecs)
+        name = MEAN_VECTOR_NAME if not self.is_single_file else self.path.stem + "." + MEAN_VECTOR_NAME
+        save_file({"mean": mean.contiguous()}, str(self.meta_path.parent / name))
+        self.meta.mean_vector = name
+        self.meta.rows = len(vecs)
+        self.meta.norm_stats = {
+            "mean": float(norms.mean()),
+            "std": float(norms.std()) if len(norms) > 1 else 0.0,
+            "min": float(norms.min()),
+            "max": float(norms.max()),
+        }
+        self.meta.injection_scale = nice_ceil(float(norms.mean()))
+        self.meta.complete = True
+        self.save_meta()
+
+
+def normalized_mean(vectors: torch.Tensor) -> torch.Tensor:
+    """Mean of ``sqrt(d) * v / ||v||`` in fp32 (the μ of DESIGN.md §6)."""
+    from nla.metrics import normalize
+
+    return normalize(vectors.float()).mean(dim=0)
+
+
+def write_single_file(path: str | Path, table: pa.Table, meta: dict[str, Any]) -> None:
+    """Write the published single-file layout (one Parquet + ``<file>.nla_meta.yaml``)."""
+    path = Path(path)
+    write_table(path, table)
+    write_yaml(path.with_name(path.name + ".nla_meta.yaml"), meta)

@@ -1,0 +1,119 @@
+"""Sidecars (``nla_meta.yaml``): reading, writing and validation with errors that name the field.
+
+The sidecar is the contract between stages: token ids, templates, scales and layer are read
+from it and checked, never re-derived silently (a re-derived marker id that differs from the
+one used in training is exactly the silent failure this prevents).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nla.errors import NLAError
+
+DATASET_KIND = "nla_dataset"
+DATASET_SCHEMA_VERSION = 1
+META_NAME = "nla_meta.yaml"
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NLAError(f"{path}: file not found") from None
+    except UnicodeDecodeError:
+        raise NLAError(f"{path}: not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise NLAError(f"{path}: malformed YAML{where} ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise NLAError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def write_yaml(path: str | Path, data: dict[str, Any]) -> None:
+    """Atomic write: a kill mid-write leaves the old file, never half a sidecar."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def require(data: dict[str, Any], dotted: str, where: str | Path, kind: type | tuple = object) -> Any:
+    """``data['a']['b']`` for ``'a.b'``, or an error naming the missing/invalid field."""
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise NLAError(f"{where}: missing field {dotted!r}")
+        node = node[part]
+    if not isinstance(node, kind) or (kind is int and isinstance(node, bool)):
+        raise NLAError(f"{where}: field {dotted!r} has invalid value {node!r}")
+    return node
+
+
+@dataclass
+class DatasetMeta:
+    """The activation dataset sidecar (DESIGN.md §3)."""
+
+    base_model: str
+    layer_index: int
+    d_model: int
+    n_layers: int
+    corpus: str
+    sampling: dict[str, Any]
+    split_fractions: dict[str, float]
+    kind: str = DATASET_KIND
+    schema_version: int = DATASET_SCHEMA_VERSION
+    rows: int = 0
+    complete: bool = False
+    norm_stats: dict[str, float] = field(default_factory=dict)
+    injection_scale: float | None = None
+    mean_vector: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self) -> dict[str, Any]:
+        """What must match for an existing dataset to be resumed instead of refused."""
+        return {
+            "base_model": self.base_model,
+            "layer_index": self.layer_index,
+            "corpus": self.corpus,
+            "sampling": self.sampling,
+            "split_fractions": self.split_fractions,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str | Path) -> DatasetMeta:
+        kind = data.get("kind", DATASET_KIND)
+        if kind != DATASET_KIND:
+            raise NLAError(f"{where}: kind is {kind!r}, expected {DATASET_KIND!r}")
+        version = data.get("schema_version", DATASET_SCHEMA_VERSION)
+        if version != DATASET_SCHEMA_VERSION:
+            raise NLAError(f"{where}: unknown schema_version {version!r} (this nla reads {DATASET_SCHEMA_VERSION})")
+        require(data, "layer_index", where, int)
+        require(data, "d_model", where, int)
+        names = {f.name for f in fields(cls)}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        known.setdefault("base_model", "unknown")
+        known.setdefault("n_layers", -1)
+        known.setdefault("corpus", "unknown")
+        known.setdefault("sampling", {})
+        known.setdefault("split_fractions", {})
+        meta = cls(**known)
+        meta.extra.update(extra)
+        return meta

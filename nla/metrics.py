@@ -1,0 +1,111 @@
+"""The metrics of DESIGN.md §6 — the one implementation used by training, eval and serving.
+
+All maths runs in fp32 whatever the model dtype, with ``eps`` inside the square root so a
+zero vector gives a finite answer instead of NaN.
+
+With ``v̂ = sqrt(d) * v / ||v||``:
+
+* ``mse_nrm(p, v) = (1/d) ||p̂ − v̂||² = 2 (1 − cos(p, v))``, range 0..4, orthogonal = 2
+* ``fve_nrm = 1 − mean mse_nrm / B`` with ``B = mean (1/d) ||v̂ − μ||²`` (μ: training mean of v̂)
+* ``fve_meannorm``: the same with μ replaced by ``sqrt(d) μ / ||μ||``
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-12
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().float() if not x.requires_grad else x.float()
+
+
+def normalize(v: torch.Tensor) -> torch.Tensor:
+    """``sqrt(d) * v / ||v||`` along the last axis (fp32)."""
+    v = v.float()
+    d = v.shape[-1]
+    return v * (d**0.5) / torch.sqrt((v * v).sum(-1, keepdim=True) + EPS)
+
+
+def mse_nrm(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row normalised MSE (0 = same direction, 2 = orthogonal, 4 = opposite).
+
+    Differentiable: this is also the AR training loss.
+    """
+    diff = normalize(pred) - normalize(target)
+    return (diff * diff).mean(-1)
+
+
+def cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    p, t = pred.float(), target.float()
+    num = (p * t).sum(-1)
+    return num / torch.sqrt((p * p).sum(-1) * (t * t).sum(-1) + EPS)
+
+
+def baseline_variance(target: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``B = mean_i (1/d) ||v̂_i − μ||²``: the error of predicting the unnormalised mean μ."""
+    diff = normalize(target) - mean.float().to(target.device)
+    return (diff * diff).mean(-1).mean()
+
+
+def fve_nrm(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor) -> float:
+    """Fraction of variance explained, the headline metric (stricter than ``fve_meannorm``)."""
+    b = baseline_variance(target, mean)
+    return float(1.0 - mse_nrm(pred, target).mean() / (b + EPS))
+
+
+def fve_meannorm(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor) -> float:
+    """FVE against the *normalised* mean direction (looser; the best constant scores 0)."""
+    mean_dir = normalize(mean.float().to(target.device).unsqueeze(0)).squeeze(0)
+    return fve_nrm(pred, target, mean_dir)
+
+
+def per_row_fve(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``1 − mse_nrm_i / B`` per row (B over the rows given), for histograms and breakdowns."""
+    b = baseline_variance(target, mean)
+    return 1.0 - mse_nrm(pred, target) / (b + EPS)
+
+
+def top1_retrieval(pred: torch.Tensor, target: torch.Tensor, n_candidates: int = 16, seed: int = 0) -> float:
+    """How often the true vector is the nearest (by cosine) of N candidates to the prediction.
+
+    Candidates are the true vector plus ``N − 1`` other rows drawn at random (seeded).
+    Chance level is ``1 / N``.
+    """
+    n = len(target)
+    if n < 2:
+        return float("nan")
+    k = min(n_candidates, n)
+    gen = torch.Generator().manual_seed(seed)
+    p, t = normalize(pred), normalize(target)
+    hits = 0
+    for i in range(n):
+        others = torch.randperm(n - 1, generator=gen)[: k - 1]
+        others = others + (others >= i).long()
+        cands = torch.cat([t[i : i + 1], t[others]])
+        sims = (cands @ p[i]) / p.shape[-1]
+        hits += int(torch.argmax(sims).item() == 0)
+    return hits / n
+
+
+def shuffled_gap(pred: torch.Tensor, target: torch.Tensor, seed: int = 0) -> float:
+    """Mean ``mse_nrm`` against a shuffled target minus against the true one (> 0: specific)."""
+    n = len(target)
+    if n < 2:
+        return float("nan")
+    gen = torch.Generator().manual_seed(seed)
+    shift = torch.randint(1, n, (n,), generator=gen)
+    wrong = (torch.arange(n) + shift) % n
+    return float(mse_nrm(pred, target[wrong]).mean() - mse_nrm(pred, target).mean())
+
+
+def summarize(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor) -> dict[str, float]:
+    """The standard metric block for a set of reconstructions."""
+    return {
+        "fve_nrm": fve_nrm(pred, target, mean),
+        "fve_meannorm": fve_meannorm(pred, target, mean),
+        "mse_nrm": float(mse_nrm(pred, target).mean()),
+        "cosine": float(cosine(pred, target).mean()),
+        "n": len(target),
+    }
