@@ -16,6 +16,8 @@ from nla.errors import NLAError
 # Stage modules, in pipeline order; each adds its own subcommand(s).
 COMMAND_MODULES = [
     "nla.data.extract",
+    "nla.label.runner",
+    "nla.bundle_cli",
 ]
 
 

@@ -159,6 +159,8 @@ def block_states(
 
 
 def _meta_for(cfg: ExtractConfig, model_spec: str, layer: int, d_model: int, n_layers: int) -> DatasetMeta:
+    from nla.models.loading import parse_dtype
+
     return DatasetMeta(
         base_model=model_spec,
         layer_index=layer,
@@ -172,19 +174,33 @@ def _meta_for(cfg: ExtractConfig, model_spec: str, layer: int, d_model: int, n_l
             "seq_len": cfg.seq_len,
             "seed": cfg.seed,
             "text_column": cfg.text_column,
+            "id_column": cfg.id_column,
             "docs_per_shard": cfg.docs_per_shard,
+            # bf16 and fp32 vectors differ far beyond 1e-4: a resume must not mix them.
+            "dtype": str(parse_dtype(cfg.dtype)).removeprefix("torch."),
         },
         split_fractions=parse_split(cfg.split),
     )
 
 
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and key != "split_fractions":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def check_compatible(existing: DatasetMeta, wanted: DatasetMeta, where: Path) -> None:
-    old, new = existing.settings(), wanted.settings()
-    for key in new:
-        if old.get(key) != new[key]:
+    # Flattened so the message names the one setting that differs (sampling.seed), not a dict.
+    old, new = _flatten(existing.settings()), _flatten(wanted.settings())
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
             raise NLAError(
                 f"{where}: existing dataset was made with {key}={old.get(key)!r}, this run asks for "
-                f"{new[key]!r}; use another --out or delete the folder"
+                f"{new.get(key)!r}; use another --out or delete the folder"
             )
 
 
@@ -214,6 +230,9 @@ def extract(cfg: ExtractConfig) -> ActivationDataset:
     elif out.exists() and any(out.iterdir()):
         raise NLAError(f"{out}: folder exists and is not an activation dataset; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    # A kill mid-write leaves a hidden temp file; it is never read, but should not pile up.
+    for stale in out.glob(".part-*.parquet.tmp*"):
+        stale.unlink(missing_ok=True)
     write_yaml(out / META_NAME, meta.to_dict())
     save_config(cfg, out / "extract_config.yaml")
 
@@ -266,7 +285,7 @@ def _extract_shard(
         batch = [i for i in order[start : start + cfg.batch_size] if encoded[i][2]]
         if batch:
             outs = block_states(runner, [encoded[i][1] for i in batch], pad_id, device)
-            for i, hidden in zip(batch, outs):
+            for i, hidden in zip(batch, outs, strict=True):
                 states[i] = hidden[encoded[i][2]]
                 n_tokens += len(encoded[i][1])
         bar.update(len(order[start : start + cfg.batch_size]))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ def write_table(path: Path, table: pa.Table) -> None:
     os.replace(tmp, path)
 
 
-def make_table(rows: dict[str, Sequence[Any]], vectors: np.ndarray | torch.Tensor, d_model: int) -> pa.Table:
+def make_table(rows: Mapping[str, Sequence[Any]], vectors: np.ndarray | torch.Tensor, d_model: int) -> pa.Table:
     """A table in the dataset schema; missing string columns are filled with nulls."""
     n = len(vectors)
     schema = dataset_schema(d_model)

@@ -13,10 +13,12 @@ Specs:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,6 +167,22 @@ def load_tokenizer(spec: str | None, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+@contextlib.contextmanager
+def _quiet_local_load(path: str) -> Iterator[None]:
+    """No "Loading weights" bar for a local folder: it takes a second and, printed on stderr,
+    buries the one-line error a command may print next. Hub downloads keep their bars."""
+    from transformers.utils import logging as hf_logging
+
+    if not os.path.isdir(path) or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def load_model(
     spec: str | None = None,
     *,
@@ -177,15 +195,16 @@ def load_model(
 
     path = resolve_model_path(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code
-        )
+        with _quiet_local_load(path):
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                path, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code
+            )
     except OSError as exc:
         raise NLAError(
             f"cannot load model {spec!r}: {str(exc).splitlines()[0]} "
             "(offline? pass a local folder, or use the embedded default)"
         ) from exc
     dev = device if isinstance(device, torch.device) else pick_device(device)
-    model.to(dev)
+    model = model.to(dev)  # type: ignore[arg-type]
     model.eval()
     return model, load_tokenizer(spec, trust_remote_code=trust_remote_code)

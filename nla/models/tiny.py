@@ -96,7 +96,7 @@ def tiny_archs() -> list[str]:
     return sorted(TINY_SPECS)
 
 
-def _config(spec: TinySpec, vocab_size: int, ids: dict[str, int | None]):  # noqa: ANN202
+def _config(spec: TinySpec, vocab_size: int, ids: dict[str, int | None]):
     from transformers import AutoConfig
 
     common = dict(
@@ -132,7 +132,7 @@ def _config(spec: TinySpec, vocab_size: int, ids: dict[str, int | None]):  # noq
     return AutoConfig.for_model(spec.arch, **kw)
 
 
-def _train_tokenizer(spec: TinySpec):  # noqa: ANN202
+def _train_tokenizer(spec: TinySpec):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -1,0 +1,488 @@
+"""The NLA bundle (DESIGN.md §7): AV + AR + sidecar, and the Python API around them.
+
+```
+RUN/
+  nla_meta.yaml             kind: nla_bundle (see BundleMeta below)
+  mean_vector.safetensors   μ of the dataset the bundle was made from
+  av/                       HF model dir or PEFT adapter dir
+  ar/                       same, plus value_head.safetensors
+```
+
+Values disagree? explicit argument > bundle sidecar > dataset sidecar.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nla import metrics
+from nla.errors import NLAError
+from nla.meta import META_NAME, read_yaml, require, write_yaml
+from nla.models.injection import MarkerTokens, check_vectors, find_marker
+from nla.models.prompts import (
+    DEFAULT_AR_TEMPLATE,
+    DEFAULT_AV_TEMPLATE,
+    encode_rendered,
+    render_chat,
+    user_content,
+)
+from nla.models.reconstructor import Reconstructor, load_trunk
+from nla.models.verbalizer import InjectionSettings, Verbalization, Verbalizer
+
+BUNDLE_KIND = "nla_bundle"
+BUNDLE_SCHEMA_VERSION = 1
+VALUE_HEAD = "value_head.safetensors"
+MEAN_VECTOR = "mean_vector.safetensors"
+
+
+@dataclass
+class LoraSettings:
+    """PEFT LoRA settings shared by AV and AR."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    use_rslora: bool = False
+
+    def peft_config(self) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            use_rslora=self.use_rslora,
+            bias="none",
+        )
+
+
+@dataclass
+class BundleMeta:
+    base_model: str
+    layer_index: int
+    d_model: int
+    n_layers: int
+    injection: InjectionSettings
+    tokens: MarkerTokens
+    prompt_templates: dict[str, str]
+    mse_scale: float
+    dataset: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    av_format: str = "full"
+    ar_format: str = "full"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        from nla import __version__
+
+        return {
+            "kind": BUNDLE_KIND,
+            "schema_version": BUNDLE_SCHEMA_VERSION,
+            "base_model": self.base_model,
+            "layer_index": self.layer_index,
+            "d_model": self.d_model,
+            "n_layers": self.n_layers,
+            "injection": self.injection.to_dict(),
+            "tokens": self.tokens.to_dict(),
+            "prompt_templates": dict(self.prompt_templates),
+            "mse_scale": self.mse_scale,
+            "dataset": self.dataset,
+            "training": self.training,
+            "av": {"format": self.av_format},
+            "ar": {"format": self.ar_format},
+            "extra": self.extra,
+            "nla_version": __version__,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str | Path) -> BundleMeta:
+        kind = require(data, "kind", where, str)
+        if kind != BUNDLE_KIND:
+            raise NLAError(f"{where}: field 'kind' is {kind!r}, expected {BUNDLE_KIND!r} (use `nla import` for other layouts)")
+        version = require(data, "schema_version", where, int)
+        if version != BUNDLE_SCHEMA_VERSION:
+            raise NLAError(f"{where}: unknown schema_version {version} (this nla reads {BUNDLE_SCHEMA_VERSION})")
+        inj = require(data, "injection", where, dict)
+        mode = require(data, "injection.mode", where, str)
+        if mode not in ("replace", "add"):
+            raise NLAError(f"{where}: field 'injection.mode' has invalid value {mode!r}")
+        tokens = MarkerTokens(
+            require(data, "tokens.marker", where, str),
+            require(data, "tokens.marker_id", where, int),
+            require(data, "tokens.left_id", where, int),
+            require(data, "tokens.right_id", where, int),
+        )
+        templates = require(data, "prompt_templates", where, dict)
+        for key in ("av", "ar"):
+            require(data, f"prompt_templates.{key}", where, str)
+        return cls(
+            base_model=require(data, "base_model", where, str),
+            layer_index=require(data, "layer_index", where, int),
+            d_model=require(data, "d_model", where, int),
+            n_layers=require(data, "n_layers", where, int),
+            injection=InjectionSettings(
+                mode=mode,
+                scale=float(require(data, "injection.scale", where, (int, float))),
+                layer=int(inj.get("layer", 1)),
+                coef=float(inj.get("coef", 1.0)),
+            ),
+            tokens=tokens,
+            prompt_templates={"av": templates["av"], "ar": templates["ar"]},
+            mse_scale=float(data.get("mse_scale", require(data, "d_model", where, int) ** 0.5)),
+            dataset=data.get("dataset") or {},
+            training=data.get("training") or {},
+            av_format=(data.get("av") or {}).get("format", "full"),
+            ar_format=(data.get("ar") or {}).get("format", "full"),
+            extra=data.get("extra") or {},
+        )
+
+
+@dataclass
+class RoundTrip:
+    explanations: list[str | None]
+    raw: list[str]
+    reconstructions: torch.Tensor
+    per_vector: list[dict[str, float]]
+    metrics: dict[str, float]
+
+
+def _check_tokens(tokenizer: Any, tokens: MarkerTokens, av_template: str, where: str) -> None:
+    """The sidecar's marker ids must be what the live tokenizer produces (DESIGN.md §4)."""
+    ids = tokenizer.encode(tokens.marker, add_special_tokens=False)
+    if list(ids) != [tokens.marker_id]:
+        raise NLAError(f"{where}: field 'tokens.marker_id' is {tokens.marker_id} but the tokenizer encodes "
+                       f"{tokens.marker!r} as {list(ids)}")
+    prompt = encode_rendered(tokenizer, render_chat(tokenizer, user_content(av_template, tokens.marker)))
+    hits = [i for i, t in enumerate(prompt) if t == tokens.marker_id]
+    if len(hits) != 1:
+        raise NLAError(f"{where}: the AV prompt holds the marker {len(hits)} times, expected once")
+    p = hits[0]
+    if prompt[p - 1] != tokens.left_id:
+        raise NLAError(f"{where}: field 'tokens.left_id' is {tokens.left_id}, the live tokenizer gives {prompt[p - 1]}")
+    if prompt[p + 1] != tokens.right_id:
+        raise NLAError(f"{where}: field 'tokens.right_id' is {tokens.right_id}, the live tokenizer gives {prompt[p + 1]}")
+
+
+def load_vectors(path: str | Path) -> torch.Tensor:
+    """Vectors from ``.safetensors`` (first tensor), ``.npy`` or ``.pt`` (``weights_only``)."""
+    path = Path(path)
+    if not path.exists():
+        raise NLAError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+            if not tensors:
+                raise NLAError(f"{path}: no tensors in file")
+            value = tensors[sorted(tensors)[0]]
+        elif suffix == ".npy":
+            import numpy as np
+
+            value = torch.from_numpy(np.load(path, allow_pickle=False).astype("float32"))
+        elif suffix in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict):
+                obj = obj[sorted(obj)[0]]
+            if not isinstance(obj, torch.Tensor):
+                raise NLAError(f"{path}: expected a tensor, found {type(obj).__name__}")
+            value = obj
+        else:
+            raise NLAError(f"{path}: unsupported vector file (use .safetensors, .npy or .pt)")
+    except NLAError:
+        raise
+    except Exception as exc:
+        raise NLAError(f"{path}: cannot read vectors ({str(exc).splitlines()[0]})") from None
+    value = value.float()
+    return value.unsqueeze(0) if value.ndim == 1 else value
+
+
+class NLA:
+    """A loaded NLA: ``verbalize``, ``reconstruct``, ``round_trip``, ``explain``."""
+
+    def __init__(self, meta: BundleMeta, av_model: Any, reconstructor: Reconstructor, tokenizer: Any,
+                 mean_vector: torch.Tensor | None = None):
+        self.meta = meta
+        self.av_model = av_model
+        self.ar = reconstructor
+        self.tokenizer = tokenizer
+        self.mean_vector = mean_vector
+        self.verbalizer = Verbalizer(
+            av_model, tokenizer, meta.tokens, meta.prompt_templates["av"], meta.injection, meta.d_model
+        )
+        self._base: Any = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.av_model.parameters()).device
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def initialize(
+        cls,
+        base_model: str | None = None,
+        *,
+        dataset: str | Path | None = None,
+        layer: int | None = None,
+        injection_mode: str = "replace",
+        injection_scale: float | None = None,
+        inject_layer: int = 1,
+        inject_coef: float = 1.0,
+        av_template: str = DEFAULT_AV_TEMPLATE,
+        ar_template: str = DEFAULT_AR_TEMPLATE,
+        lora: LoraSettings | None = None,
+        dtype: str | torch.dtype = "float32",
+        device: str | None = None,
+    ) -> NLA:
+        """An untrained bundle from a base model (+ dataset): what SFT starts from.
+
+        With a dataset, its base model, layer and injection scale are used unless given here.
+        """
+        from nla.models.layers import default_layer, hidden_size, num_layers
+        from nla.models.loading import canonical_spec, load_model, parse_dtype, resolve_model_path
+
+        ds = None
+        if dataset is not None:
+            from nla.data.store import ActivationDataset
+
+            ds = ActivationDataset.open(dataset)
+            if base_model is None:
+                base_model = ds.meta.base_model
+            if layer is None:
+                layer = ds.meta.layer_index
+        spec = canonical_spec(base_model)
+        av_model, tokenizer = load_model(spec, dtype=dtype, device=device)
+        n_layers, d_model = num_layers(av_model.config), hidden_size(av_model.config)
+        if layer is None:
+            layer = default_layer(n_layers)
+        if ds is not None:
+            if ds.meta.layer_index != layer:
+                raise NLAError(f"dataset {dataset} was extracted at layer {ds.meta.layer_index}, asked for layer {layer}")
+            if ds.meta.d_model != d_model:
+                raise NLAError(f"dataset {dataset} has d_model={ds.meta.d_model}, model {spec} has {d_model}")
+        if injection_scale is None:
+            injection_scale = (ds.meta.injection_scale if ds is not None else None) or float(d_model) ** 0.5
+
+        def render(marker: str) -> str:
+            return render_chat(tokenizer, user_content(av_template, marker))
+
+        tokens = find_marker(render, lambda text: encode_rendered(tokenizer, text), tokenizer)
+        trunk = load_trunk(resolve_model_path(spec), layer, parse_dtype(dtype)).to(av_model.device)
+        ar = Reconstructor(trunk, tokenizer, ar_template).to(av_model.device)
+        mean = ds.mean_vector() if ds is not None else None
+        meta = BundleMeta(
+            base_model=spec,
+            layer_index=layer,
+            d_model=d_model,
+            n_layers=n_layers,
+            injection=InjectionSettings(injection_mode, float(injection_scale), inject_layer, inject_coef),
+            tokens=tokens,
+            prompt_templates={"av": av_template, "ar": ar_template},
+            mse_scale=float(d_model) ** 0.5,
+            dataset={"path": str(ds.path.resolve()), "rows": ds.meta.rows,
+                     "norm_mean": ds.meta.norm_stats.get("mean")} if ds is not None else {},
+        )
+        nla = cls(meta, av_model, ar, tokenizer, mean)
+        if lora is not None:
+            nla.add_lora(lora)
+        return nla
+
+    def add_lora(self, lora: LoraSettings) -> None:
+        """Wrap AV and AR trunk in fresh LoRA adapters (the value head stays a full fp32 layer)."""
+        from peft import get_peft_model
+
+        self.av_model = get_peft_model(self.av_model, lora.peft_config())
+        self.ar.trunk = get_peft_model(self.ar.trunk, lora.peft_config())
+        self.verbalizer.model = self.av_model
+        self.meta.av_format = self.meta.ar_format = "peft"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: str | torch.dtype = "float32",
+        device: str | None = None,
+        is_trainable: bool = False,
+    ) -> NLA:
+        """Load a bundle folder (registry names and other layouts: see :mod:`nla.interop`)."""
+        from safetensors.torch import load_file
+
+        from nla.models.loading import (
+            load_model,
+            load_tokenizer,
+            parse_dtype,
+            pick_device,
+            resolve_model_path,
+        )
+
+        root = Path(path)
+        meta_path = root / META_NAME
+        if not meta_path.exists():
+            resolver = _registry_resolver()
+            if resolver is not None:
+                return resolver(str(path), dtype=dtype, device=device)
+            raise NLAError(f"{root}: not an NLA bundle (no {META_NAME})")
+        data = read_yaml(meta_path)
+        meta = BundleMeta.from_dict(data, meta_path)
+        dev = pick_device(device)
+        torch_dtype = parse_dtype(dtype)
+        tokenizer = load_tokenizer(meta.base_model) if meta.av_format == "peft" or not (root / "av" / "tokenizer_config.json").exists() \
+            else load_tokenizer(str(root / "av"))
+        _check_tokens(tokenizer, meta.tokens, meta.prompt_templates["av"], str(meta_path))
+        av_dir, ar_dir = root / "av", root / "ar"
+        for sub in (av_dir, ar_dir):
+            if not sub.is_dir():
+                raise NLAError(f"{root}: missing folder {sub.name}/")
+        if (av_dir / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            base, _ = load_model(meta.base_model, dtype=torch_dtype, device=dev)
+            av_model = PeftModel.from_pretrained(base, str(av_dir), is_trainable=is_trainable)
+        else:
+            av_model, _ = load_model(str(av_dir), dtype=torch_dtype, device=dev)
+        if (ar_dir / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            trunk = load_trunk(resolve_model_path(meta.base_model), meta.layer_index, torch_dtype)
+            trunk = PeftModel.from_pretrained(trunk, str(ar_dir), is_trainable=is_trainable)
+        else:
+            trunk = load_trunk(str(ar_dir), None, torch_dtype)
+        ar = Reconstructor(trunk, tokenizer, meta.prompt_templates["ar"])
+        head_file = ar_dir / VALUE_HEAD
+        if not head_file.exists():
+            raise NLAError(f"{ar_dir}: missing {VALUE_HEAD}")
+        # Re-applied after any adapter load: PEFT knows nothing of the value head.
+        head = load_file(str(head_file))
+        if "weight" not in head or tuple(head["weight"].shape) != (meta.d_model, meta.d_model):
+            raise NLAError(f"{head_file}: expected a 'weight' of shape [{meta.d_model}, {meta.d_model}]")
+        ar.value_head.weight.data.copy_(head["weight"].float())
+        ar.to(dev)
+        av_model.to(dev)
+        if not is_trainable:
+            av_model.eval()
+            ar.eval()
+        mean = load_file(str(root / MEAN_VECTOR))["mean"].float() if (root / MEAN_VECTOR).exists() else None
+        return cls(meta, av_model, ar, tokenizer, mean)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the bundle atomically enough: into ``path.tmp`` then swapped in place."""
+        from safetensors.torch import save_file
+
+        root = Path(path)
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "av").mkdir(parents=True)
+        (tmp / "ar").mkdir(parents=True)
+        av = _unwrap(self.av_model)
+        av.save_pretrained(tmp / "av")
+        trunk = _unwrap(self.ar.trunk)
+        trunk.save_pretrained(tmp / "ar")
+        if self.meta.av_format == "full":
+            self.tokenizer.save_pretrained(tmp / "av")
+        save_file({"weight": self.ar.value_head.weight.detach().float().cpu().contiguous()}, str(tmp / "ar" / VALUE_HEAD))
+        if self.mean_vector is not None:
+            save_file({"mean": self.mean_vector.float().contiguous()}, str(tmp / MEAN_VECTOR))
+        write_yaml(tmp / META_NAME, self.meta.to_dict())
+        old = root.with_name(root.name + ".old")
+        if root.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            root.rename(old)
+        tmp.rename(root)
+        shutil.rmtree(old, ignore_errors=True)
+
+    # ---------------------------------------------------------------- API
+    def verbalize(self, vectors: torch.Tensor, n: int = 1, **generate_kwargs: Any) -> list[list[Verbalization]]:
+        return self.verbalizer.generate(torch.as_tensor(vectors), n=n, **generate_kwargs)
+
+    def reconstruct(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        return self.ar.reconstruct(list(texts), batch_size=batch_size)
+
+    def round_trip(self, vectors: torch.Tensor, **generate_kwargs: Any) -> RoundTrip:
+        vectors = torch.as_tensor(vectors).float()
+        if vectors.ndim == 1:
+            vectors = vectors.unsqueeze(0)
+        answers = [outs[0] for outs in self.verbalize(vectors, n=1, **generate_kwargs)]
+        texts = [a.explanation if a.explanation is not None else a.raw for a in answers]
+        recon = self.reconstruct(texts)
+        mse = metrics.mse_nrm(recon, vectors)
+        cos = metrics.cosine(recon, vectors)
+        per = [{"mse_nrm": float(m), "cosine": float(c)} for m, c in zip(mse, cos)]
+        summary: dict[str, float] = {"mse_nrm": float(mse.mean()), "cosine": float(cos.mean())}
+        if self.mean_vector is not None:
+            summary = metrics.summarize(recon, vectors, self.mean_vector)
+            b = metrics.baseline_variance(vectors, self.mean_vector) if len(vectors) > 1 else None
+            for row, m in zip(per, mse):
+                if b is not None:
+                    row["fve_nrm"] = float(1 - m / b)
+        return RoundTrip([a.explanation for a in answers], [a.raw for a in answers], recon, per, summary)
+
+    def base_states(self, text: str) -> tuple[list[int], torch.Tensor]:
+        """Token ids of ``text`` and the block-K state at every position (the dataset's vectors).
+
+        Vectors must come from the *base* model: with LoRA that is the AV with its adapter
+        disabled (no second copy); a fully fine-tuned AV is not the base, so the base is loaded
+        once on first use.
+        """
+        from nla.data.extract import BlockOutput, block_states
+        from nla.models.loading import load_model
+
+        ids = self.tokenizer.encode(text, add_special_tokens=True)
+        if not ids:
+            raise NLAError("text is empty")
+        pad = self.tokenizer.pad_token_id or 0
+        if hasattr(self.av_model, "disable_adapter"):
+            with self.av_model.disable_adapter(), BlockOutput(self.av_model, self.meta.layer_index) as runner:
+                return ids, block_states(runner, [ids], pad, self.device)[0]
+        if self._base is None:
+            self._base, _ = load_model(self.meta.base_model, device=str(self.device))
+        with BlockOutput(self._base, self.meta.layer_index) as runner:
+            return ids, block_states(runner, [ids], pad, self.device)[0]
+
+    def explain(self, text: str, positions: list[int] | None = None, **generate_kwargs: Any) -> list[dict[str, Any]]:
+        """Verbalize the block-K state at chosen (default: all) token positions of ``text``."""
+        ids, states = self.base_states(text)
+        if positions is None:
+            positions = list(range(len(ids)))
+        for p in positions:
+            if not -len(ids) <= p < len(ids):
+                raise NLAError(f"position {p} is out of range: the text has {len(ids)} tokens")
+        positions = [p % len(ids) for p in positions]
+        vecs = states[positions]
+        trip = self.round_trip(vecs, **generate_kwargs)
+        return [
+            {
+                "position": p,
+                "token": self.tokenizer.decode([ids[p]]),
+                "context": self.tokenizer.decode(ids[: p + 1], skip_special_tokens=True),
+                "explanation": trip.explanations[i],
+                "raw": trip.raw[i],
+                **trip.per_vector[i],
+            }
+            for i, p in enumerate(positions)
+        ]
+
+    def check_vectors(self, vectors: torch.Tensor) -> None:
+        check_vectors(vectors, self.meta.d_model)
+
+
+def _unwrap(model: Any) -> Any:
+    """Strip DDP/accelerate wrappers (not PEFT: PEFT models save as adapters)."""
+    return getattr(model, "module", model)
+
+
+def _registry_resolver() -> Any:
+    """``nla.interop.load_release`` when the interop package is present."""
+    try:
+        from nla.interop import load_release  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return load_release

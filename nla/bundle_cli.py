@@ -1,0 +1,104 @@
+"""`nla init`, `nla verbalize`, `nla reconstruct`: make a bundle and use one from the shell."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from nla.errors import NLAError
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def cmd_init(args: Any) -> None:
+    from nla.bundle import NLA, LoraSettings
+
+    nla = NLA.initialize(
+        args.model, dataset=args.data, layer=args.layer, injection_mode=args.injection,
+        injection_scale=args.injection_scale, lora=LoraSettings(r=args.lora_r) if args.lora_r else None,
+    )
+    nla.save_pretrained(args.out)
+    print(f"{args.out}: untrained bundle for {nla.meta.base_model}, layer {nla.meta.layer_index}, "
+          f"marker {nla.meta.tokens.marker!r} (id {nla.meta.tokens.marker_id})")
+
+
+def cmd_verbalize(args: Any) -> None:
+    from nla.bundle import NLA, load_vectors
+
+    nla = NLA.from_pretrained(args.nla, device=args.device)
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.n > 1 or args.sample, seed=args.seed)
+    if args.vectors:
+        vectors = load_vectors(args.vectors)
+        nla.check_vectors(vectors)
+        outs = nla.verbalize(vectors, n=args.n, **gen)
+        rows: list[dict[str, Any]] = [{"index": i, "explanations": [o.explanation for o in out], "raw": [o.raw for o in out]}
+                for i, out in enumerate(outs)]
+    elif args.text is not None:
+        positions = [args.position] if args.position is not None else None
+        rows = nla.explain(args.text, positions, **gen)
+    else:
+        raise NLAError("verbalize: give --vectors FILE or --text T")
+    if args.json:
+        _print_json(rows)
+        return
+    for row in rows:
+        if "explanations" in row:
+            for e, raw in zip(row["explanations"], row["raw"]):
+                print(f"[{row['index']}] {e if e is not None else '(unparseable) ' + raw}")
+        else:
+            fve = f"  fve_nrm={row['fve_nrm']:.3f}" if "fve_nrm" in row else ""
+            print(f"[{row['position']}] {row['token']!r}: {row['explanation'] or '(unparseable) ' + row['raw']}"
+                  f"  (mse_nrm={row['mse_nrm']:.3f}{fve})")
+
+
+def cmd_reconstruct(args: Any) -> None:
+    from nla.bundle import NLA
+
+    nla = NLA.from_pretrained(args.nla, device=args.device)
+    vecs = nla.reconstruct(args.texts)
+    if args.out:
+        from safetensors.torch import save_file
+
+        save_file({"vectors": vecs.contiguous()}, args.out)
+    if args.json or not args.out:
+        _print_json([{"text": t, "vector": v.tolist(), "norm": float(torch.linalg.norm(v))}
+                     for t, v in zip(args.texts, vecs)])
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("init", help="an untrained bundle (AV + AR + sidecar) from a base model and dataset")
+    p.add_argument("--model", default=None, help="base model (default: the dataset's, else SmolLM2-135M)")
+    p.add_argument("--data", default=None, help="activation dataset (gives layer, injection scale, mean vector)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="layer K = output of decoder block K (0-based) = hidden_states[K+1]")
+    p.add_argument("--injection", default="replace", choices=["replace", "add"])
+    p.add_argument("--injection-scale", type=float, default=None)
+    p.add_argument("--lora-r", type=int, default=0, help="wrap AV/AR in LoRA adapters of this rank (0: full)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("verbalize", help="vectors (or a text's positions) → explanations")
+    p.add_argument("--nla", required=True, help="bundle folder")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--vectors", help=".safetensors, .npy or .pt file of [n, d] or [d] vectors")
+    g.add_argument("--text", help="run the base model on this text and verbalize its positions")
+    p.add_argument("--position", type=int, default=None, help="token position in --text (default: all)")
+    p.add_argument("--n", type=int, default=1, help="samples per vector")
+    p.add_argument("--sample", action="store_true", help="sample even with --n 1 (default greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_verbalize)
+
+    p = sub.add_parser("reconstruct", help="explanations → vectors")
+    p.add_argument("--nla", required=True, help="bundle folder")
+    p.add_argument("texts", nargs="+", help="explanation texts")
+    p.add_argument("--out", default=None, help="write the vectors to this .safetensors file")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print JSON (default when --out is not given)")
+    p.set_defaults(func=cmd_reconstruct)

@@ -1,0 +1,120 @@
+"""The activation reconstructor (AR): explanation in, vector out (DESIGN.md §5).
+
+The base model cut after block K (``num_hidden_layers = K + 1``), with its final norm removed
+so the read-out is the raw block-K residual stream, plus a bias-free ``Linear(d, d)`` value
+head initialised to the identity and kept in fp32. A fresh AR therefore returns exactly the
+block-K state at the last token of its input, the state the AV's vectors come from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from nla.models.layers import check_layer, hidden_size, num_layers, text_config
+
+
+def drop_final_norm(trunk: nn.Module) -> None:
+    """Replace the trunk's final norm (a direct child whose class is a norm) with Identity."""
+    for name, child in list(trunk.named_children()):
+        if "norm" in type(child).__name__.lower() or name in ("ln_f", "norm", "final_layernorm"):
+            setattr(trunk, name, nn.Identity())
+
+
+def truncated_config(path: str, layer: int, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cfg = text_config(config)
+    check_layer(layer, num_layers(cfg))
+    for name in ("num_hidden_layers", "n_layer"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, layer + 1)
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = cfg.layer_types[: layer + 1]
+    return cfg
+
+
+def load_trunk(path: str, layer: int | None, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """Blocks 0..K of a model; only those weights are ever loaded (``layer=None``: as saved)."""
+    import logging
+
+    from transformers import AutoModel
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if layer is not None:
+        kwargs["config"] = truncated_config(path, layer, trust_remote_code)
+    # The weights of blocks > K and of the LM head are expected to be left out: silence the
+    # loader's "unused weights" report rather than alarm users with it.
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        trunk = AutoModel.from_pretrained(path, **kwargs)
+    finally:
+        logger.setLevel(level)
+    drop_final_norm(trunk)
+    return trunk
+
+
+def identity_head(d_model: int) -> nn.Linear:
+    head = nn.Linear(d_model, d_model, bias=False, dtype=torch.float32)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(d_model))
+    return head
+
+
+class Reconstructor(nn.Module):
+    """Trunk + value head. ``forward`` returns fp32 predictions ``[batch, d]``."""
+
+    def __init__(self, trunk: nn.Module, tokenizer: Any, template: str, max_length: int = 256):
+        super().__init__()
+        self.trunk = trunk
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = max_length
+        self.d_model = hidden_size(trunk.config)
+        self.value_head = identity_head(self.d_model)
+
+    def format(self, explanation: str) -> str:
+        return self.template.replace("{explanation}", explanation)
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = [
+            self.tokenizer.encode(self.format(t), add_special_tokens=True, truncation=True, max_length=self.max_length)
+            for t in texts
+        ]
+        width = max(len(b) for b in batch)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, b in enumerate(batch):
+            ids[i, : len(b)] = torch.tensor(b)
+            mask[i, : len(b)] = 1
+        return ids, mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        # Last non-padding token, whichever side the padding is on.
+        cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask.long() * cols).argmax(-1)
+        read = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+        return self.value_head(read)
+
+    @torch.no_grad()
+    def reconstruct(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        device = self.value_head.weight.device
+        outs = []
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(texts), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = self.encode([texts[i] for i in idx])
+            outs.append((idx, self(ids.to(device), mask.to(device)).cpu()))
+        result = torch.zeros((len(texts), self.d_model))
+        for idx, pred in outs:
+            result[idx] = pred
+        return result
