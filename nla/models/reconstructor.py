@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nla.errors import NLAError
 from nla.models.layers import check_layer, hidden_size, num_layers, text_config
 
 
@@ -43,6 +44,8 @@ def load_trunk(path: str, layer: int | None, dtype: torch.dtype = torch.float32,
 
     from transformers import AutoModel
 
+    from nla.models.loading import _quiet_local_load
+
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if layer is not None:
         kwargs["config"] = truncated_config(path, layer, trust_remote_code)
@@ -52,7 +55,10 @@ def load_trunk(path: str, layer: int | None, dtype: torch.dtype = torch.float32,
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        trunk = AutoModel.from_pretrained(path, **kwargs)
+        with _quiet_local_load(path):
+            trunk = AutoModel.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise NLAError(f"cannot load the reconstructor trunk from {path!r}: {str(exc).splitlines()[0]}") from None
     finally:
         logger.setLevel(level)
     drop_final_norm(trunk)
@@ -77,15 +83,36 @@ class Reconstructor(nn.Module):
         self.max_length = max_length
         self.d_model = hidden_size(trunk.config)
         self.value_head = identity_head(self.d_model)
+        self._n_tail: int | None = None
 
     def format(self, explanation: str) -> str:
         return self.template.replace("{explanation}", explanation)
 
+    def _tail_tokens(self) -> int:
+        """How many tokens the template puts after the explanation (the read-out sits there)."""
+        if self._n_tail is None:
+            tail = self.template.split("{explanation}", 1)[1] if "{explanation}" in self.template else ""
+            self._n_tail = len(self.tokenizer.encode(tail, add_special_tokens=False)) + 1
+        return self._n_tail
+
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids of one templated explanation, at most ``max_length`` long.
+
+        A long explanation is cut in its middle, not at the end: cutting the end would drop the
+        template's closing words, and the AR would read its vector at a token it never saw
+        during training.
+        """
+        ids = list(self.tokenizer.encode(self.format(text), add_special_tokens=True))
+        if len(ids) > self.max_length:
+            keep_tail = min(self._tail_tokens(), self.max_length // 2)
+            ids = ids[: self.max_length - keep_tail] + ids[-keep_tail:]
+        return ids
+
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = [
-            self.tokenizer.encode(self.format(t), add_special_tokens=True, truncation=True, max_length=self.max_length)
-            for t in texts
-        ]
+        """Right-padded ``(input_ids, attention_mask)`` for a batch of explanations."""
+        if not texts:
+            raise NLAError("reconstruct: no texts given")
+        batch = [self.token_ids(t) for t in texts]
         width = max(len(b) for b in batch)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -103,7 +130,10 @@ class Reconstructor(nn.Module):
         cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (attention_mask.long() * cols).argmax(-1)
         read = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
-        return self.value_head(read)
+        # The head stays fp32 even under bf16 autocast (mixed-precision training): a bf16
+        # d×d identity product would round away the small corrections the head learns.
+        with torch.autocast(device_type=read.device.type, enabled=False):
+            return self.value_head(read)
 
     @torch.no_grad()
     def reconstruct(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
