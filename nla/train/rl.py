@@ -1,0 +1,623 @@
+"""Joint RL of the verbalizer against the reconstructor: GRPO (DESIGN.md §8).
+
+One step, for a batch of ``B`` activations from the ``rl`` split:
+
+1. **generate** — the AV samples ``G`` answers per vector (:mod:`nla.train.generation`);
+2. **reward** — the *current* AR reconstructs every answer; the reward callables score them
+   (:mod:`nla.train.rewards`), unparseable or truncated answers get −2; advantages are the
+   rewards normalised within each group of ``G``;
+3. **update** — policy-gradient loss on the sampled tokens, their log-probs recomputed by a
+   forward pass with the vector injected, plus a k3 KL penalty to the frozen warm-start AV;
+   with ``updates_per_batch > 1`` the ratio to the rollout-time policy is PPO-clipped;
+4. **AR** — the AR takes ``ar_steps`` MSE steps on the fresh explanations, so the next batch
+   is scored by an AR that has seen what the AV now writes (never a stale reward).
+
+The reference policy. With LoRA (default) the warm-start AV is merged into the base weights
+(if it was itself an adapter) and a fresh RL adapter goes on top: the reference is then the
+very same weights with the adapter disabled, no second copy held. With full fine-tuning
+(``--lora-r 0``) the reference is a frozen copy. The bundle written stores the AV merged
+(``av.format: full``), the AR as it was (adapter or full) with its value head.
+
+Resume: the reference is rebuilt from the warm-start bundle, the policy from the checkpoint
+(the RL adapter or the full AV weights), the AR from the checkpoint bundle, both optimizers and
+the RNG from the trainer state; data order and sampling seeds are functions of the step, so a
+resumed run continues the same curve.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nla import metrics
+from nla.config import opt, save_config
+from nla.errors import NLAError
+from nla.models.injection import Injector
+from nla.train import loop
+from nla.train.generation import Rollout, RolloutBackend, SamplingSettings, make_backend
+from nla.train.rewards import (
+    RewardFn,
+    group_advantages,
+    length_penalty,
+    resolve_reward,
+    score_rollouts,
+)
+
+PHASE = "rl"
+SUMMARY_FILE = "rl_summary.json"
+
+
+@dataclass
+class RLConfig:
+    """Settings of ``nla train rl`` (each docstring-like help is the ``--help`` line)."""
+
+    nla: str = opt("", help="warm-start bundle (e.g. the output of `nla train sft`)")
+    data: str = opt("", help="activation dataset; RL samples its 'rl' split, evaluates on 'eval'")
+    out: str = opt("", help="run directory: final bundle, metrics.jsonl, curves.png, checkpoints/")
+    steps: int = opt(100, help="optimizer steps (one batch of activations each)")
+    batch_size: int = opt(8, help="activation vectors per step")
+    group_size: int = opt(4, help="G: explanations sampled per vector (advantages are normalised within it)")
+    temperature: float = opt(1.0, help="sampling temperature (log-probs are scored at the same temperature)")
+    top_p: float = opt(1.0, help="nucleus sampling threshold")
+    max_new_tokens: int = opt(64, help="answer length limit; an answer cut off here gets the invalid reward")
+    generation_backend: str = opt("transformers", help="'transformers' (KV cache + injection hook) or 'vllm'")
+    gen_batch_size: int = opt(64, help="sequences per generate call (transformers backend)")
+    vllm_gpu_memory_utilization: float = opt(0.3, help="fraction of GPU memory vLLM may take")
+    lr: float = opt(1e-5, help="AV learning rate")
+    warmup_steps: int = opt(0, help="AV linear warm-up steps before cosine decay")
+    kl_coef: float = opt(0.01, help="weight of the k3 KL penalty to the frozen warm-start AV")
+    updates_per_batch: int = opt(1, help="policy optimizer steps per batch; >1 turns on PPO clipping")
+    clip_eps: float = opt(0.2, help="PPO clip range of the probability ratio (used when updates_per_batch > 1)")
+    update_batch_size: int = opt(16, help="sequences per forward pass in the policy update (memory bound)")
+    normalize_std: bool = opt(True, help="divide group-centred rewards by the group's std (GRPO); off: Dr. GRPO")
+    max_grad_norm: float = opt(1.0, help="gradient clipping norm (AV and AR)")
+    # opt() turns a list default into a default_factory field, so no instance shares it.
+    reward: list[str] = opt(["neg_mse"], help="reward(s): neg_mse, neg_log_mse, contrastive or module:function")  # noqa: RUF009
+    reward_weights: list[float] = opt([], help="one weight per reward (default: all 1)")  # noqa: RUF009
+    length_penalty: float = opt(0.0, help="reward −this per answer token (0: off)")
+    invalid_reward: float | None = opt(-2.0, help="reward of an unparseable or truncated answer (YAML null: no floor)")
+    lora_r: int = opt(16, help="rank of the RL adapter on the AV (0: full fine-tuning with a frozen reference copy)")
+    lora_alpha: int = opt(32, help="LoRA alpha of the RL adapter")
+    train_ar: bool = opt(True, help="keep training the AR on the fresh explanations")
+    ar_lr: float = opt(1e-4, help="AR learning rate")
+    ar_steps: int = opt(1, help="AR optimizer steps per batch")
+    ar_batch_size: int = opt(32, help="explanations per AR step")
+    collapse_threshold: float = opt(0.5, help="mode-collapse alarm when the distinct-explanation rate drops below this")
+    eval_rows: int = opt(64, help="eval-split vectors for the round-trip fve_nrm before/after RL (0: skip)")
+    save_every: int = opt(50, help="checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = opt(2, help="checkpoints kept")
+    resume: bool = opt(False, help="continue from the last checkpoint in --out")
+    seed: int = opt(0, help="seed of data order and sampling")
+    device: str | None = opt(None, help="cpu, cuda, mps (default: best available)")
+    dtype: str = opt("float32", help="model dtype: float32 or bfloat16")
+    progress: bool = opt(True, help="show a progress bar")
+
+
+# ---------------------------------------------------------------- data order
+def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Rows of step ``step``: epochs are seeded permutations laid end to end (resume-safe)."""
+    if n_rows == 0:
+        raise NLAError("the dataset has no 'rl' rows (run `nla split` or check the split fractions)")
+    out: list[int] = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = perm[offset : offset + batch_size - len(out)].tolist()
+        out.extend(take)
+        pos += len(take)
+    return out
+
+
+# ---------------------------------------------------------------- policy setup
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def prepare_policy(nla: Any, cfg: RLConfig) -> Any:
+    """Turn the warm-start AV into the RL policy; returns the frozen reference (None: adapter-off)."""
+    av = nla.av_model
+    if _is_peft(av):
+        # The warm-start adapter becomes part of the weights, so "adapter disabled" below means
+        # exactly the warm-start AV, not the untrained base model.
+        av = av.merge_and_unload()
+    ref = None
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        av = get_peft_model(av, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                           target_modules="all-linear", bias="none"))
+    else:
+        ref = copy.deepcopy(av).eval().requires_grad_(False)
+        av.requires_grad_(True)
+    av.train()
+    nla.av_model = av
+    nla.verbalizer.model = av
+    return ref
+
+
+class MergedSaver:
+    """Saves the bundle with the AV merged (format ``full``): what loads with ``from_pretrained``."""
+
+    def __init__(self, nla: Any):
+        self.nla = nla
+
+    def save_pretrained(self, path: str | Path) -> None:
+        nla = self.nla
+        av, fmt = nla.av_model, nla.meta.av_format
+        merged = copy.deepcopy(av).merge_and_unload() if _is_peft(av) else av
+        nla.av_model, nla.meta.av_format = merged, "full"
+        try:
+            nla.save_pretrained(path)
+        finally:
+            nla.av_model, nla.meta.av_format = av, fmt
+
+
+# ---------------------------------------------------------------- log-probs and loss
+def completion_logprobs(model: Any, injector: Injector, prompt: list[int], completions: list[list[int]],
+                        vectors: torch.Tensor, temperature: float, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp [N, L], mask [N, L])`` of the sampled tokens, vector injected at the marker.
+
+    Scored at the sampling temperature: the ratio and KL must compare the distribution the
+    tokens were actually drawn from.
+    """
+    device = next(model.parameters()).device
+    width = max(len(c) for c in completions)
+    p = len(prompt)
+    ids = torch.full((len(completions), p + width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for r, comp in enumerate(completions):
+        ids[r, :p] = torch.tensor(prompt)
+        ids[r, p : p + len(comp)] = torch.tensor(comp, dtype=torch.long)
+        attn[r, : p + len(comp)] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    injector.set_vectors(vectors)
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    # Position t predicts token t+1: the answer's tokens are predicted from p-1 .. p+L-2.
+    logits = logits[:, p - 1 : p - 1 + width].float() / temperature
+    targets = ids[:, p : p + width]
+    logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logp, attn[:, p : p + width].float()
+
+
+def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                    advantages: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                    clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence loss ``[N]`` (token mean) and per-sequence KL ``[N]``.
+
+    ``ratio = exp(logp − old_logp)``; with ``old_logp = logp.detach()`` (one update per batch)
+    it is 1 and the gradient is plain REINFORCE with group baselines. k3 KL:
+    ``exp(ref − logp) − (ref − logp) − 1`` ≥ 0, unbiased, low variance (Schulman).
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(-1)
+    pg = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+    if ref_logp is not None:
+        delta = (ref_logp - logp).clamp(-20, 20)  # exp of a wild delta would overflow to inf
+        kl = torch.exp(delta) - delta - 1
+    else:
+        kl = torch.zeros_like(logp)
+    per_token = pg + kl_coef * kl
+    n_tok = mask.sum(-1).clamp(min=1)
+    return (per_token * mask).sum(-1) / n_tok, (kl * mask).sum(-1) / n_tok
+
+
+# ---------------------------------------------------------------- trainer
+def distinct_rate(texts: list[str]) -> float:
+    return len(set(texts)) / max(len(texts), 1)
+
+
+class RLTrainer:
+    def __init__(self, cfg: RLConfig, *, rewards: list[tuple[RewardFn, float]] | None = None):
+        from nla.bundle import NLA
+        from nla.data.store import ActivationDataset
+
+        self.cfg = cfg
+        for name in ("nla", "data", "out"):
+            if not getattr(cfg, name):
+                raise NLAError(f"--{name} is required")
+        if cfg.batch_size < 1 or cfg.group_size < 2:
+            raise NLAError("need --batch-size >= 1 and --group-size >= 2 (a group of 1 has no baseline)")
+        if cfg.updates_per_batch < 1:
+            raise NLAError(f"--updates-per-batch must be >= 1, got {cfg.updates_per_batch}")
+        self.out = Path(cfg.out)
+        self.rewards = rewards if rewards is not None else self._rewards_from_config()
+        self.ds = ActivationDataset.open(cfg.data)
+        self.nla = NLA.from_pretrained(cfg.nla, device=cfg.device, dtype=cfg.dtype, is_trainable=True)
+        meta = self.nla.meta
+        if self.ds.meta.d_model != meta.d_model:
+            raise NLAError(f"dataset {cfg.data} has d_model={self.ds.meta.d_model}, bundle {cfg.nla} has {meta.d_model}")
+        if self.ds.meta.layer_index not in (-1, meta.layer_index):
+            raise NLAError(f"dataset {cfg.data} is layer {self.ds.meta.layer_index}, bundle {cfg.nla} layer {meta.layer_index}")
+        self.vectors = self.ds.vectors("rl")
+        if len(self.vectors) == 0:
+            raise NLAError(f"{cfg.data}: no rows in the 'rl' split")
+        self.eval_vectors = self.ds.vectors("eval")[: cfg.eval_rows] if cfg.eval_rows else torch.zeros(0)
+        self.mean = self.ds.mean_vector()
+        self.ref = prepare_policy(self.nla, cfg)
+        self.device = self.nla.device
+        if self.ref is not None:
+            self.ref.to(self.device)
+        self.policy_params = [p for p in self.nla.av_model.parameters() if p.requires_grad]
+        self.ar_params = [p for p in self.nla.ar.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.policy_params, lr=cfg.lr, weight_decay=0.0)
+        self.sched = loop.cosine_with_warmup(self.opt, cfg.warmup_steps, cfg.steps)
+        self.ar_opt = torch.optim.AdamW(self.ar_params, lr=cfg.ar_lr, weight_decay=0.0) if cfg.train_ar else None
+        self.sampling = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.gen_batch_size)
+        self.backend = self._backend()
+        self.state = loop.TrainerState(phase=PHASE, total_steps=cfg.steps)
+
+    def _rewards_from_config(self) -> list[tuple[RewardFn, float]]:
+        cfg = self.cfg
+        fns = [resolve_reward(r) for r in cfg.reward]
+        weights = list(cfg.reward_weights) or [1.0] * len(fns)
+        if len(weights) != len(fns):
+            raise NLAError(f"--reward-weights has {len(weights)} values for {len(fns)} rewards")
+        pairs = list(zip(fns, weights))
+        if cfg.length_penalty:
+            pairs.append((length_penalty(cfg.length_penalty), 1.0))
+        return pairs
+
+    def _backend(self) -> RolloutBackend:
+        cfg = self.cfg
+        base_dir = None
+        if cfg.generation_backend == "vllm":
+            # vLLM serves the warm-start weights; the policy reaches it as an adapter or a weight push.
+            base_dir = self.out / "vllm_base"
+            av = self.nla.av_model
+            with av.disable_adapter() if _is_peft(av) else nullcontext():
+                model = av.get_base_model() if _is_peft(av) else av
+                state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+                model.save_pretrained(base_dir, state_dict=state)
+            self.nla.tokenizer.save_pretrained(base_dir)
+        return make_backend(cfg.generation_backend, self.nla.verbalizer, base_dir=base_dir,
+                            lora_rank=cfg.lora_r or None, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+
+    # ------------------------------------------------------------ checkpoints
+    def _extra_state(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.ar_opt is not None:
+            extra["ar_optimizer"] = self.ar_opt.state_dict()
+        av = self.nla.av_model
+        if _is_peft(av):
+            from peft import get_peft_model_state_dict
+
+            extra["rl_adapter"] = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(av).items()}
+        return extra
+
+    def save(self) -> Path:
+        return loop.save_checkpoint(self.out, MergedSaver(self.nla), self.state, self.opt, self.sched,
+                                    keep=self.cfg.keep_checkpoints, extra=self._extra_state())
+
+    def try_resume(self) -> bool:
+        from nla.bundle import NLA
+
+        ckpt = loop.latest_checkpoint(self.out, PHASE)
+        if ckpt is None:
+            return False
+        saved = NLA.from_pretrained(ckpt, device=self.cfg.device, dtype=self.cfg.dtype, is_trainable=True)
+        extra = loop.checkpoint_extra(ckpt)
+        # AR: the checkpoint's, copied into the live modules so the optimizer keeps its params.
+        self.nla.ar.load_state_dict(saved.ar.state_dict())
+        av = self.nla.av_model
+        if _is_peft(av):
+            from peft import set_peft_model_state_dict
+
+            if "rl_adapter" not in extra:
+                raise NLAError(f"{ckpt}: checkpoint has no RL adapter (was it made with --lora-r 0?)")
+            set_peft_model_state_dict(av, extra["rl_adapter"])
+        else:
+            av.load_state_dict(saved.av_model.state_dict())
+        del saved
+        if self.ar_opt is not None and "ar_optimizer" in extra:
+            self.ar_opt.load_state_dict(extra["ar_optimizer"])
+        self.state = loop.restore_checkpoint(ckpt, self.opt, self.sched)
+        self.backend.sync_weights()
+        return True
+
+    # ------------------------------------------------------------ one step
+    @contextmanager
+    def _reference(self) -> Iterator[tuple[Any, Injector]]:
+        vb = self.nla.verbalizer
+        if self.ref is None:
+            with self.nla.av_model.disable_adapter(), vb.injector() as inj:
+                yield self.nla.av_model, inj
+        else:
+            inj = Injector(self.ref, vb.tokens, mode=vb.injection.mode, scale=vb.injection.scale,
+                           inject_layer=vb.injection.layer, coef=vb.injection.coef)
+            with inj:
+                yield self.ref, inj
+
+    def _texts(self, rollouts: list[Rollout]) -> list[str]:
+        # The AR reads the parsed explanation; an unparseable answer is read as written.
+        return [r.explanation if r.explanation is not None else r.raw for r in rollouts]
+
+    def step(self, step: int) -> dict[str, Any]:
+        cfg = self.cfg
+        G = cfg.group_size
+        idx = batch_indices(len(self.vectors), cfg.batch_size, step, cfg.seed)
+        vecs = self.vectors[idx]
+
+        t0 = time.perf_counter()
+        rollouts = self.backend.generate(vecs, G, self.sampling, seed=cfg.seed * 7919 + step)
+        t_gen = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        row_vecs = vecs.repeat_interleave(G, 0)
+        texts = self._texts(rollouts)
+        self.nla.ar.eval()
+        recon = self.nla.ar.reconstruct(texts).float()
+        invalid = [r.invalid for r in rollouts]
+        rewards = score_rollouts(
+            self.rewards, row_vecs, [r.explanation for r in rollouts], recon,
+            invalid=invalid, invalid_reward=cfg.invalid_reward,
+            raw=[r.raw for r in rollouts], token_ids=[r.completion_ids for r in rollouts],
+            lengths=[len(r.completion_ids) for r in rollouts], truncated=[not r.finished for r in rollouts],
+            groups=[i // G for i in range(len(rollouts))], group_size=G, step=step, seed=cfg.seed,
+            mean_vector=self.mean,
+        )
+        reward_t = torch.tensor(rewards)
+        adv = group_advantages(reward_t, G, cfg.normalize_std)
+        t_reward = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        upd = self._policy_update(rollouts, row_vecs, adv)
+        self.backend.sync_weights()
+        t_update = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        ar_loss = self._ar_update(rollouts, row_vecs, step) if self.ar_opt is not None else float("nan")
+        t_ar = time.perf_counter() - t0
+
+        distinct = distinct_rate(texts)
+        return {
+            "reward": float(reward_t.mean()),
+            "reward_std": float(reward_t.std()),
+            "fve_nrm": metrics.fve_nrm(recon, row_vecs, self.mean),
+            "mse_nrm": float(metrics.mse_nrm(recon, row_vecs).mean()),
+            **upd,
+            "ar_loss": ar_loss,
+            "length": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
+            "distinct_rate": distinct,
+            "collapse_alarm": distinct < cfg.collapse_threshold,
+            "unparseable": sum(r.explanation is None for r in rollouts) / len(rollouts),
+            "truncated": sum(not r.finished for r in rollouts) / len(rollouts),
+            "lr": self.sched.get_last_lr()[0],
+            "sec_generate": t_gen,
+            "sec_reward": t_reward,
+            "sec_update": t_update,
+            "sec_ar": t_ar,
+            "example": texts[0][:200],
+        }
+
+    def _policy_update(self, rollouts: list[Rollout], row_vecs: torch.Tensor, adv: torch.Tensor) -> dict[str, Any]:
+        cfg, vb = self.cfg, self.nla.verbalizer
+        model = self.nla.av_model
+        prompt = vb.prompt_ids()
+        pad_id = vb.tokenizer.pad_token_id if vb.tokenizer.pad_token_id is not None else vb.end_ids[0]
+        # An answer with no tokens (max_new_tokens hit at 0) cannot be scored; keep the rest.
+        keep = [i for i, r in enumerate(rollouts) if r.completion_ids]
+        mb = max(1, cfg.update_batch_size)
+        chunks = [keep[s : s + mb] for s in range(0, len(keep), mb)]
+        ref_lp: list[torch.Tensor | None] = [None] * len(chunks)
+        if cfg.kl_coef > 0:
+            with torch.no_grad(), self._reference() as (ref_model, ref_inj):
+                for c, chunk in enumerate(chunks):
+                    ref_lp[c], _ = completion_logprobs(ref_model, ref_inj, prompt,
+                                                       [rollouts[i].completion_ids for i in chunk],
+                                                       row_vecs[chunk], cfg.temperature, pad_id)
+        old_lp: list[torch.Tensor | None] = [None] * len(chunks)
+        kl_first = float("nan")
+        losses, norms, skipped = [], [], 0
+        model.train()
+        with vb.injector() as inj:
+            for epoch in range(cfg.updates_per_batch):
+                total_loss, kl_sum = 0.0, 0.0
+                bad = False
+                for c, chunk in enumerate(chunks):
+                    logp, mask = completion_logprobs(model, inj, prompt, [rollouts[i].completion_ids for i in chunk],
+                                                     row_vecs[chunk], cfg.temperature, pad_id)
+                    if old_lp[c] is None:
+                        old_lp[c] = logp.detach()  # the rollout-time policy: params have not moved yet
+                    old = old_lp[c]
+                    assert old is not None
+                    seq_loss, seq_kl = grpo_token_loss(logp, old, ref_lp[c], adv[chunk].to(logp.device), mask,
+                                                       cfg.kl_coef, cfg.clip_eps)
+                    loss = seq_loss.sum() / max(len(keep), 1)
+                    if not torch.isfinite(loss):
+                        bad = True
+                        break
+                    loss.backward()
+                    total_loss += float(loss.detach())
+                    kl_sum += float(seq_kl.sum())
+                if epoch == 0:
+                    kl_first = kl_sum / max(len(keep), 1)
+                if bad:
+                    self.opt.zero_grad(set_to_none=True)
+                    stepped, norm = False, float("nan")
+                else:
+                    stepped, norm = loop.guarded_step(self.opt, self.policy_params, cfg.max_grad_norm)
+                if not stepped:
+                    skipped += 1
+                    self.state.skipped_steps += 1
+                    print(f"nla train rl: non-finite loss/gradient, step skipped (total {self.state.skipped_steps})",
+                          file=sys.stderr)
+                losses.append(total_loss)
+                norms.append(norm)
+        self.sched.step()
+        return {"loss": losses[0] if losses else float("nan"), "kl": kl_first,
+                "grad_norm": norms[0] if norms else float("nan"), "skipped": skipped}
+
+    def _ar_update(self, rollouts: list[Rollout], row_vecs: torch.Tensor, step: int) -> float:
+        cfg = self.cfg
+        assert self.ar_opt is not None
+        valid = [i for i, r in enumerate(rollouts) if not r.invalid]
+        if not valid:
+            return float("nan")
+        ar = self.nla.ar
+        ar.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 104_729 + step)
+        losses = []
+        for _ in range(cfg.ar_steps):
+            pick = [valid[int(j)] for j in torch.randperm(len(valid), generator=gen)[: cfg.ar_batch_size]]
+            ids, mask = ar.encode([rollouts[i].explanation or "" for i in pick])
+            pred = ar(ids.to(self.device), mask.to(self.device))
+            loss = metrics.mse_nrm(pred, row_vecs[pick].to(pred.device)).mean()
+            if not torch.isfinite(loss):
+                self.ar_opt.zero_grad(set_to_none=True)
+                self.state.skipped_steps += 1
+                continue
+            loss.backward()
+            loop.guarded_step(self.ar_opt, self.ar_params, cfg.max_grad_norm)
+            losses.append(float(loss))
+        ar.eval()
+        return sum(losses) / len(losses) if losses else float("nan")
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out round trip (greedy AV → AR) on the eval split: the before/after figure."""
+        if len(self.eval_vectors) == 0:
+            return {}
+        return evaluate_round_trip(self.nla, self.eval_vectors, self.mean, self.cfg.max_new_tokens)
+
+    # ------------------------------------------------------------ run
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out / "train_config.yaml")
+        logger = loop.MetricsLogger(self.out)
+        resumed = cfg.resume and self.try_resume()
+        if cfg.resume and not resumed:
+            print(f"nla train rl: no checkpoint in {self.out}, starting fresh", file=sys.stderr)
+        if not resumed:
+            logger.truncate_after(-1, PHASE)
+            logger.truncate_after(-1, "eval")
+            before = self.evaluate()
+            if before:
+                logger.log(0, before, phase="eval")
+        else:
+            logger.truncate_after(self.state.step, PHASE)
+            logger.truncate_after(0, "eval")  # keep the before-RL figure, the after one is re-made
+        bar = loop.Progress(cfg.steps, initial=self.state.step, desc="rl", enabled=cfg.progress)
+        started = time.perf_counter()
+        try:
+            while self.state.step < cfg.steps:
+                step = self.state.step
+                record = self.step(step)
+                self.state.step = step + 1
+                if record["collapse_alarm"]:
+                    print(f"nla train rl: WARNING mode collapse at step {step + 1}: only "
+                          f"{record['distinct_rate']:.0%} of explanations distinct (< {cfg.collapse_threshold:.0%}); "
+                          f"e.g. {record['example']!r}", file=sys.stderr)
+                logger.log(self.state.step, record, phase=PHASE)
+                bar.update(int(record["length"] * cfg.batch_size * cfg.group_size),
+                           reward=record["reward"], kl=record["kl"], distinct=record["distinct_rate"])
+                if self.state.step % cfg.save_every == 0 or self.state.step == cfg.steps:
+                    self.save()
+        finally:
+            bar.close()
+        after = self.evaluate()
+        if after:
+            logger.log(cfg.steps, after, phase="eval")
+        self.state.done = True
+        loop.publish_bundle(MergedSaver(self.nla), self.out)
+        logger.close()
+        loop.plot_metrics(self.out / loop.METRICS_FILE, self.out / loop.PLOT_FILE)
+        summary = summarize_run(self.out, cfg.collapse_threshold)
+        summary["wall_s_this_session"] = round(time.perf_counter() - started, 1)
+        _write_json(self.out / SUMMARY_FILE, summary)
+        return summary
+
+
+def evaluate_round_trip(nla: Any, vectors: torch.Tensor, mean: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
+    """Greedy round trip: fve_nrm etc. (nla.metrics), distinct-explanation rate, unparseable rate."""
+    was = nla.av_model.training
+    nla.av_model.eval()
+    nla.ar.eval()
+    try:
+        trip = nla.round_trip(vectors, max_new_tokens=max_new_tokens)
+    finally:
+        nla.av_model.train(was)
+    texts = [e if e is not None else r for e, r in zip(trip.explanations, trip.raw)]
+    out: dict[str, Any] = {f"eval_{k}": v for k, v in metrics.summarize(trip.reconstructions, vectors, mean).items()}
+    out["eval_distinct_rate"] = distinct_rate(texts)
+    out["eval_unparseable"] = sum(e is None for e in trip.explanations) / max(len(texts), 1)
+    out["eval_example"] = texts[0][:200] if texts else ""
+    return out
+
+
+def summarize_run(run_dir: Path, collapse_threshold: float) -> dict[str, Any]:
+    """First/last figures of a run, and whether it mode-collapsed (never hidden)."""
+    records = loop.read_metrics(run_dir / loop.METRICS_FILE)
+    train = [r for r in records if r.get("phase") == PHASE]
+    evals = [r for r in records if r.get("phase") == "eval"]
+    alarms = [r["step"] for r in train if r.get("collapse_alarm")]
+    summary: dict[str, Any] = {"steps": len(train), "collapse_alarm_steps": alarms}
+    if train:
+        k = max(1, len(train) // 5)
+        summary["reward_first"] = sum(r["reward"] for r in train[:k]) / k
+        summary["reward_last"] = sum(r["reward"] for r in train[-k:]) / k
+        summary["distinct_rate_last"] = train[-1]["distinct_rate"]
+        summary["sec_per_step"] = {ph: sum(r.get(f"sec_{ph}", 0.0) for r in train) / len(train)
+                                   for ph in ("generate", "reward", "update", "ar")}
+    if len(evals) >= 1:
+        summary["eval_before"] = {k: v for k, v in evals[0].items() if k.startswith("eval_")}
+        summary["eval_after"] = {k: v for k, v in evals[-1].items() if k.startswith("eval_")}
+    last_eval_distinct = evals[-1].get("eval_distinct_rate", 1.0) if evals else 1.0
+    summary["collapsed"] = bool((train and train[-1]["distinct_rate"] < collapse_threshold)
+                                or last_eval_distinct < collapse_threshold)
+    if summary["collapsed"]:
+        print(f"nla train rl: WARNING the run ended mode-collapsed (distinct-explanation rate below "
+              f"{collapse_threshold:.0%}); see {run_dir / loop.METRICS_FILE}", file=sys.stderr)
+    return summary
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    import json
+
+    path.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+
+
+def train_rl(cfg: RLConfig, rewards: list[tuple[RewardFn, float]] | None = None) -> dict[str, Any]:
+    """Run (or resume) RL; returns the run summary. ``rewards`` overrides ``cfg.reward``."""
+    return RLTrainer(cfg, rewards=rewards).train()
+
+
+# ---------------------------------------------------------------- CLI
+def register_train(sub: Any) -> None:
+    """Register ``nla train rl`` on the ``nla train`` subparsers."""
+    from nla.config import add_config_args
+
+    p = sub.add_parser("rl", help="joint RL (GRPO) of the AV against the AR on the 'rl' split",
+                       description=(__doc__ or "").split("\n\n")[0])
+    add_config_args(p, RLConfig)
+    p.set_defaults(func=cmd_rl)
+
+
+def cmd_rl(args: Any) -> int:
+    from nla.config import resolve_config
+
+    cfg = resolve_config(RLConfig, args, section="rl")
+    summary = train_rl(cfg)
+    keys = ("reward_first", "reward_last", "collapsed")
+    print(" ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}"
+                   for k in keys))
+    for when in ("eval_before", "eval_after"):
+        if when in summary:
+            print(f"{when}: fve_nrm={summary[when].get('eval_fve_nrm', math.nan):.4f} "
+                  f"distinct={summary[when].get('eval_distinct_rate', math.nan):.2f}")
+    # A collapse is reported loudly (above, in the log and in rl_summary.json), not a crash.
+    return 0
+
+
+__all__ = ["RLConfig", "RLTrainer", "evaluate_round_trip", "train_rl"]
