@@ -332,6 +332,11 @@ class NLA:
                 return resolver(str(path), dtype=dtype, device=device)
             raise NLAError(f"{root}: not an NLA bundle (no {META_NAME})")
         data = read_yaml(meta_path)
+        if data.get("kind") != BUNDLE_KIND:
+            # Another published layout (paper, nanoNLA, PEFT pair, universal): its importer.
+            resolver = _registry_resolver()
+            if resolver is not None:
+                return resolver(str(path), dtype=dtype, device=device)
         meta = BundleMeta.from_dict(data, meta_path)
         dev = pick_device(device)
         torch_dtype = parse_dtype(dtype)
@@ -365,6 +370,9 @@ class NLA:
         if "weight" not in head or tuple(head["weight"].shape) != (meta.d_model, meta.d_model):
             raise NLAError(f"{head_file}: expected a 'weight' of shape [{meta.d_model}, {meta.d_model}]")
         ar.value_head.weight.data.copy_(head["weight"].float())
+        if "bias" in head:
+            # Imported heads may carry a bias (published `linear_head.pt` layouts).
+            ar.value_head.bias = torch.nn.Parameter(head["bias"].float().clone())
         ar.to(dev)
         av_model.to(dev)
         if not is_trainable:
@@ -388,7 +396,10 @@ class NLA:
         trunk.save_pretrained(tmp / "ar")
         if self.meta.av_format == "full":
             self.tokenizer.save_pretrained(tmp / "av")
-        save_file({"weight": self.ar.value_head.weight.detach().float().cpu().contiguous()}, str(tmp / "ar" / VALUE_HEAD))
+        head = {"weight": self.ar.value_head.weight.detach().float().cpu().contiguous()}
+        if self.ar.value_head.bias is not None:
+            head["bias"] = self.ar.value_head.bias.detach().float().cpu().contiguous()
+        save_file(head, str(tmp / "ar" / VALUE_HEAD))
         if self.mean_vector is not None:
             save_file({"mean": self.mean_vector.float().contiguous()}, str(tmp / MEAN_VECTOR))
         write_yaml(tmp / META_NAME, self.meta.to_dict())

@@ -1,0 +1,305 @@
+"""Helpers every importer shares: scales, template placeholders, value heads, safe loading.
+
+Importers read *other people's* folders, so everything here is defensive: a value that is
+missing or contradicts another fails naming the field, and nothing in the folder is ever
+executed (no ``trust_remote_code``, no pickle outside ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nla.errors import NLAError
+from nla.meta import META_NAME, read_yaml
+
+SQRT_D_NAMES = ("sqrt_d_model", "sqrt_d", "sqrt(d)", "sqrt(d_model)")
+HEAD_FILES = ("value_head.safetensors", "value_head.pt", "value_head.pth", "linear_head.safetensors", "linear_head.pt")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def sidecar(root: Path) -> dict[str, Any]:
+    path = root / META_NAME
+    if not path.exists():
+        raise NLAError(f"{root}: no {META_NAME} (not a folder of a known NLA layout)")
+    return read_yaml(path)
+
+
+def resolve_scale(value: Any, d_model: int, where: str | Path, field: str) -> float:
+    """A number, or ``"sqrt_d_model"`` (the paper's spelling) meaning √d."""
+    if isinstance(value, bool):
+        raise NLAError(f"{where}: field {field!r} has invalid value {value!r}")
+    if isinstance(value, (int, float)):
+        scale = float(value)
+    elif isinstance(value, str) and value.strip().lower().replace(" ", "") in SQRT_D_NAMES:
+        scale = math.sqrt(d_model)
+    else:
+        try:
+            scale = float(value)
+        except (TypeError, ValueError):
+            raise NLAError(f"{where}: field {field!r} has invalid value {value!r} (a number or 'sqrt_d_model')") from None
+    if not math.isfinite(scale) or scale <= 0:
+        raise NLAError(f"{where}: field {field!r} must be a positive number, got {value!r}")
+    return scale
+
+
+def map_placeholders(template: str, mapping: dict[str, str], required: str, where: str | Path, field: str) -> str:
+    """Turn a ``str.format`` template into our ``{marker}``/``{explanation}``/``{tag}`` form.
+
+    ``mapping`` renames their placeholders to ours (e.g. ``injection_char`` → ``{marker}``);
+    ``{{``/``}}`` escapes become literal braces, as ``str.format`` would render them. Any
+    other placeholder is an error: silently leaving ``{question}`` in a prompt would feed the
+    model text it was never trained on.
+    """
+    names = set()
+    try:
+        for _, name, _, _ in string.Formatter().parse(template):
+            if name is not None:
+                names.add(name)
+    except ValueError as exc:
+        raise NLAError(f"{where}: field {field!r} is not a valid template ({first_line(exc)})") from None
+    unknown = names - set(mapping)
+    if unknown:
+        raise NLAError(f"{where}: field {field!r} has unknown placeholder(s) {sorted(unknown)} "
+                       f"(expected {sorted(mapping)})")
+    if required not in {mapping[n] for n in names}:
+        theirs = [k for k, v in mapping.items() if v == required]
+        raise NLAError(f"{where}: field {field!r} has no {{{theirs[0]}}} placeholder")
+    return template.format(**{k: "{" + v + "}" for k, v in mapping.items()})
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors or ``.pt`` file; ``.pt`` only through ``weights_only``."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path)))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        # weights_only refuses pickled objects (code): report it, never fall back to full pickle.
+        raise NLAError(f"{path}: cannot read tensors safely ({first_line(exc)})") from None
+    if isinstance(obj, torch.Tensor):
+        return {"weight": obj}
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {str(k): v for k, v in obj.items()}
+    raise NLAError(f"{path}: expected a tensor or a dict of tensors, found {type(obj).__name__}")
+
+
+def find_head_file(folder: Path, name: str | None = None) -> Path:
+    if name:
+        path = folder / name
+        if not path.exists():
+            raise NLAError(f"{folder}: value head file {name!r} not found")
+        return path
+    for candidate in HEAD_FILES:
+        if (folder / candidate).exists():
+            return folder / candidate
+    raise NLAError(f"{folder}: no value head file (looked for {', '.join(HEAD_FILES)})")
+
+
+def load_linear(path: Path, d_in: int, d_out: int) -> nn.Linear:
+    """An fp32 ``Linear(d_in, d_out)`` (bias if the file has one) from ``weight``/``bias``.
+
+    Keys may carry a prefix (``linear.weight``, ``head.bias``): exactly one of each is accepted,
+    so an ambiguous file is an error instead of a coin flip.
+    """
+    tensors = _read_tensors(path)
+    weights = [k for k in tensors if k == "weight" or k.endswith(".weight")]
+    biases = [k for k in tensors if k == "bias" or k.endswith(".bias")]
+    if len(weights) != 1:
+        raise NLAError(f"{path}: expected exactly one 'weight' tensor, found {sorted(tensors)}")
+    if len(biases) > 1:
+        raise NLAError(f"{path}: more than one 'bias' tensor: {biases}")
+    weight = tensors[weights[0]].float()
+    if tuple(weight.shape) != (d_out, d_in):
+        raise NLAError(f"{path}: 'weight' has shape {list(weight.shape)}, expected [{d_out}, {d_in}]")
+    bias = tensors[biases[0]].float() if biases else None
+    if bias is not None and tuple(bias.shape) != (d_out,):
+        raise NLAError(f"{path}: 'bias' has shape {list(bias.shape)}, expected [{d_out}]")
+    layer = nn.Linear(d_in, d_out, bias=bias is not None, dtype=torch.float32)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def config_layers(folder: Path) -> int:
+    """``num_hidden_layers`` from a model folder's config.json, read as data (no code)."""
+    import json
+
+    path = folder / "config.json"
+    if not path.exists():
+        raise NLAError(f"{folder}: no config.json")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise NLAError(f"{path}: malformed JSON ({first_line(exc)})") from None
+    cfg = cfg.get("text_config") or cfg
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(cfg.get(name), int):
+            return int(cfg[name])
+    raise NLAError(f"{path}: no num_hidden_layers")
+
+
+def check_equal(values: dict[str, Any], where: str | Path) -> Any:
+    """The one value several fields agree on; fields that disagree are named."""
+    present = {k: v for k, v in values.items() if v is not None}
+    if not present:
+        raise NLAError(f"{where}: missing field {' or '.join(repr(k) for k in values)}")
+    distinct = set(present.values())
+    if len(distinct) > 1:
+        listing = ", ".join(f"{k}={v!r}" for k, v in present.items())
+        raise NLAError(f"{where}: contradictory fields: {listing}")
+    return next(iter(distinct))
+
+
+# ---------------------------------------------------------------- model loading
+def quantization_4bit() -> Any:
+    """A bitsandbytes 4-bit (NF4) config, or a clear error where it cannot work."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise NLAError("4-bit base loading needs the bitsandbytes package (pip install bitsandbytes) and a "
+                       "CUDA GPU; load the base in full precision instead (load_in_4bit=False / --no-4bit)")
+    if not torch.cuda.is_available():
+        raise NLAError("4-bit base loading needs a CUDA GPU (bitsandbytes); none is available here. "
+                       "Load the base in full precision instead (load_in_4bit=False / --no-4bit)")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+
+
+def is_adapter_dir(folder: Path) -> bool:
+    return (folder / "adapter_config.json").exists()
+
+
+def adapter_base(folder: Path) -> str | None:
+    """``base_model_name_or_path`` of a PEFT adapter folder (read as JSON data)."""
+    import json
+
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise NLAError(f"{folder / 'adapter_config.json'}: unreadable ({first_line(exc)})") from None
+    base = cfg.get("base_model_name_or_path")
+    return str(base) if base else None
+
+
+def load_causal_lm(spec: str, dtype: torch.dtype, device: torch.device, quant: Any = None) -> Any:
+    from nla.models.loading import load_model, resolve_model_path
+
+    if quant is None:
+        model, _ = load_model(spec, dtype=dtype, device=device)
+        return model
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), quantization_config=quant,
+                                                dtype=torch.bfloat16, device_map={"": 0},
+                                                trust_remote_code=False).eval()
+
+
+def load_av(av_dir: Path, base: str | None, dtype: torch.dtype, device: torch.device, quant: Any = None) -> Any:
+    """The AV: a full model folder, or a PEFT adapter over ``base``."""
+    if not is_adapter_dir(av_dir):
+        return load_causal_lm(str(av_dir), dtype, device)
+    from peft import PeftModel
+
+    if base is None:
+        raise NLAError(f"{av_dir}: a LoRA adapter, but no base model is named")
+    model = load_causal_lm(base, dtype, device, quant)
+    return PeftModel.from_pretrained(model, str(av_dir), is_trainable=False).eval()
+
+
+def load_trunk_for(spec: str, last_block: int, dtype: torch.dtype, quant: Any = None) -> nn.Module:
+    """Blocks ``0..last_block`` of ``spec`` without final norm (4-bit where asked)."""
+    from nla.models.loading import resolve_model_path
+    from nla.models.reconstructor import drop_final_norm, load_trunk, truncated_config
+
+    path = resolve_model_path(spec)
+    if quant is None:
+        return load_trunk(path, last_block, dtype)
+    from transformers import AutoModel
+
+    trunk = AutoModel.from_pretrained(path, config=truncated_config(path, last_block), quantization_config=quant,
+                                      dtype=torch.bfloat16, device_map={"": 0}, trust_remote_code=False)
+    drop_final_norm(trunk)
+    return trunk
+
+
+def load_ar_trunk(ar_dir: Path, base: str | None, trained_last_block: int, dtype: torch.dtype,
+                  quant: Any = None, readout_block: int | None = None) -> nn.Module:
+    """The AR trunk: a full (already truncated) folder, or a PEFT adapter over ``base``.
+
+    ``trained_last_block`` is the depth the adapter was trained on (its keys name those
+    blocks); ``readout_block`` below it cuts the trunk further after loading, which gives
+    exactly the hidden state of that block (later blocks cannot change earlier ones).
+    """
+    from nla.models.layers import truncate_blocks
+    from nla.models.reconstructor import load_trunk
+
+    if is_adapter_dir(ar_dir):
+        from peft import PeftModel
+
+        if base is None:
+            raise NLAError(f"{ar_dir}: a LoRA adapter, but no base model is named")
+        trunk = load_trunk_for(base, trained_last_block, dtype, quant)
+        model: nn.Module = PeftModel.from_pretrained(trunk, str(ar_dir), is_trainable=False)
+        inner = model.get_base_model()  # type: ignore[operator]
+    else:
+        have = config_layers(ar_dir)
+        model = load_trunk(str(ar_dir), trained_last_block if have > trained_last_block + 1 else None, dtype)
+        inner = model
+    if readout_block is not None and readout_block < trained_last_block:
+        truncate_blocks(inner, readout_block)
+    return model
+
+
+def assemble(meta: Any, av_model: Any, trunk: nn.Module, tokenizer: Any, head: nn.Linear,
+             device: torch.device, where: str, mean_vector: torch.Tensor | None = None,
+             field_names: dict[str, str] | None = None) -> Any:
+    """An :class:`NLA` from loaded parts, after the sidecar's marker is checked live.
+
+    ``field_names`` maps our token field names to the layout's, so an error names the field
+    as the user's own file spells it.
+    """
+    from nla.bundle import NLA, _check_tokens
+    from nla.models.layers import hidden_size
+    from nla.models.reconstructor import Reconstructor
+
+    try:
+        _check_tokens(tokenizer, meta.tokens, meta.prompt_templates["av"], where)
+    except NLAError as exc:
+        message = str(exc)
+        for ours, theirs in (field_names or {}).items():
+            message = message.replace(f"'{ours}'", f"'{theirs}'")
+        raise NLAError(message) from None
+    d_av = hidden_size(av_model.config)
+    d_ar = hidden_size(trunk.config)  # type: ignore[arg-type]
+    if d_av != meta.d_model or d_ar != meta.d_model:
+        raise NLAError(f"{where}: field 'd_model' is {meta.d_model} but the AV has width {d_av} and the AR {d_ar}")
+    if tuple(head.weight.shape) != (meta.d_model, meta.d_model):
+        raise NLAError(f"{where}: value head has shape {list(head.weight.shape)}, expected "
+                       f"[{meta.d_model}, {meta.d_model}]")
+    ar = Reconstructor(trunk, tokenizer, meta.prompt_templates["ar"])
+    ar.value_head = head
+    quantized = getattr(av_model, "is_loaded_in_4bit", False)
+    if not quantized:
+        av_model.to(device)
+        ar.to(device)
+    else:
+        ar.value_head.to(next(av_model.parameters()).device)
+    av_model.eval()
+    ar.eval()
+    return NLA(meta, av_model, ar, tokenizer, mean_vector)

@@ -1,0 +1,195 @@
+"""The paper's released AV/AR checkpoint pair (`kitft/nla-...-av` / `-ar`), from a tiny Qwen2."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from test_interop_reference import (
+    apply_head,
+    captured_embeddings,
+    chat_ids,
+    marker_neighbours,
+    perturb,
+    random_head,
+    replace_embeds,
+    tiny_path,
+)
+
+from nla.bundle import NLA
+from nla.errors import NLAError
+from nla.interop import detect_layout, import_layout
+
+K = 2
+AV_TEMPLATE = "Here is a thought: <concept>{injection_char}</concept>\nExplain it in {{braces}}."
+AR_TEMPLATE = "Explanation:\n{explanation}\nThe thought:"
+CHAR = chr(0x3221)
+
+
+def write_pair(root: Path, *, old_names: bool = False) -> tuple[Path, Path]:
+    """Exactly the released layout: two full HF folders, each with its own nla_meta.yaml."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_path("qwen2")
+    tok = AutoTokenizer.from_pretrained(src)
+    av_dir, ar_dir = root / "nla-tiny-L2-av", root / "nla-tiny-L2-ar"
+    av = AutoModelForCausalLM.from_pretrained(src)
+    perturb(av, 1)
+    av.save_pretrained(av_dir)
+    tok.save_pretrained(av_dir)
+    d = av.config.hidden_size
+    # AR: the base cut to K + 1 blocks, no final norm, saved as a bare (headless) model.
+    ar = AutoModel.from_pretrained(src)
+    del ar.layers[K + 1:]
+    ar.config.num_hidden_layers = K + 1
+    if isinstance(getattr(ar.config, "layer_types", None), list):
+        ar.config.layer_types = ar.config.layer_types[: K + 1]
+    ar.norm = torch.nn.Identity()
+    perturb(ar, 2)
+    ar.save_pretrained(ar_dir)
+    tok.save_pretrained(ar_dir)
+    head = random_head(d, d, 3, bias=False)
+    save_file({"weight": head["weight"].to(torch.bfloat16)}, str(ar_dir / "value_head.safetensors"))
+
+    marker_id = tok.encode(CHAR, add_special_tokens=False)[0]
+    _, left, right = marker_neighbours(tok, AV_TEMPLATE.format(injection_char=CHAR), marker_id)
+    suffix = tok(AR_TEMPLATE.format(explanation="x"), add_special_tokens=True).input_ids[-3:]
+    tokens = {"injection_char": CHAR, "injection_token_id": marker_id, "injection_left_neighbor_id": left,
+              "injection_right_neighbor_id": right}
+    templates = {"actor": AV_TEMPLATE, "critic": AR_TEMPLATE} if old_names else {"av": AV_TEMPLATE, "ar": AR_TEMPLATE}
+    common = {"kind": "nla_model", "schema_version": 2, "d_model": d}
+    av_meta = {**common, "extraction_layer_index": K,
+               "extraction": {"injection_scale": "sqrt_d_model", "mse_scale": "sqrt_d_model"},
+               "tokens": tokens, "prompt_templates": templates}
+    ar_meta = {**common, "critic": {"extraction_layer_index": K}, "extraction": {"mse_scale": math.sqrt(d)},
+               "tokens": {**tokens, "critic_suffix_ids": suffix},
+               "prompt_templates": {"critic": AR_TEMPLATE} if old_names else {"ar": AR_TEMPLATE}}
+    if not old_names:
+        av_meta["role"], ar_meta["role"] = "av", "ar"
+    (av_dir / "nla_meta.yaml").write_text(yaml.safe_dump(av_meta, allow_unicode=True))
+    (ar_dir / "nla_meta.yaml").write_text(yaml.safe_dump(ar_meta, allow_unicode=True))
+    return av_dir, ar_dir
+
+
+def reference_check(nla: NLA, av_dir: Path, ar_dir: Path) -> None:
+    """Compare with the released recipe, re-implemented with plain transformers calls."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(av_dir)
+    meta = yaml.safe_load((av_dir / "nla_meta.yaml").read_text())
+    d = meta["d_model"]
+    templates = meta["prompt_templates"]
+    content = templates.get("av", templates.get("actor")).format(injection_char=meta["tokens"]["injection_char"])
+    ids = chat_ids(tok, content)
+    p = ids.index(meta["tokens"]["injection_token_id"])
+    v = torch.randn(d, generator=torch.Generator().manual_seed(7)) * 13.0
+    av = AutoModelForCausalLM.from_pretrained(av_dir).eval()
+    ref_emb = replace_embeds(av, ids, p, v, math.sqrt(d))
+    with torch.no_grad():
+        ref_logits = av(inputs_embeds=ref_emb).logits
+    ours_emb, ours_logits = captured_embeddings(nla, ids, v.unsqueeze(0))
+    assert torch.allclose(ours_emb, ref_emb, atol=1e-6)  # same position, same scale
+    assert abs(float(ours_emb[0, p].norm()) - math.sqrt(d)) < 1e-3
+    assert torch.allclose(ours_logits, ref_logits, atol=1e-5)
+    # Greedy generation through inputs_embeds (how the paper's client runs the AV).
+    with torch.no_grad():
+        ref_gen = av.generate(inputs_embeds=ref_emb, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)[0].tolist()
+    ours = nla.verbalize(v.unsqueeze(0), max_new_tokens=6)[0][0]
+    assert ours.token_ids and ref_gen[: len(ours.token_ids)] == ours.token_ids
+
+    ar = AutoModel.from_pretrained(ar_dir).eval()
+    ar.norm = torch.nn.Identity()
+    head = load_file(str(ar_dir / "value_head.safetensors"))
+    ar_tmpl = yaml.safe_load((ar_dir / "nla_meta.yaml").read_text())["prompt_templates"]
+    ar_tmpl = ar_tmpl.get("ar", ar_tmpl.get("critic"))
+    texts = ["a cat sits on a mat", "numbers and code"]
+    expected = []
+    for t in texts:
+        ids_ar = tok(ar_tmpl.format(explanation=t), add_special_tokens=True).input_ids
+        with torch.no_grad():
+            hidden = ar(input_ids=torch.tensor([ids_ar])).last_hidden_state[0, -1].float()
+        expected.append(apply_head(head, hidden))
+    assert torch.allclose(nla.reconstruct(texts), torch.stack(expected), atol=1e-4)
+
+
+@pytest.mark.parametrize("old_names", [False, True])
+def test_paper_pair_matches_released_recipe(tmp_path: Path, old_names: bool) -> None:
+    av_dir, ar_dir = write_pair(tmp_path, old_names=old_names)
+    assert detect_layout(av_dir) == "paper"
+    nla = NLA.from_pretrained(av_dir)  # the AR sibling (-ar) is found by name
+    assert nla.meta.injection.mode == "replace"
+    assert nla.meta.injection.scale == pytest.approx(math.sqrt(nla.meta.d_model))
+    assert nla.meta.layer_index == K
+    assert "{marker}" in nla.meta.prompt_templates["av"] and "{braces}" in nla.meta.prompt_templates["av"]
+    reference_check(nla, av_dir, ar_dir)
+
+
+def test_import_cli_writes_an_equivalent_bundle(tmp_path: Path) -> None:
+    from nla.cli import main
+
+    av_dir, ar_dir = write_pair(tmp_path / "src")
+    out = tmp_path / "bundle"
+    assert main(["import", str(av_dir), "--ar", str(ar_dir), "--out", str(out)]) == 0
+    data = yaml.safe_load((out / "nla_meta.yaml").read_text())
+    assert data["kind"] == "nla_bundle" and data["layer_index"] == K
+    reference_check(NLA.from_pretrained(out), av_dir, ar_dir)
+
+
+def test_pair_folder_with_av_and_ar_subfolders(tmp_path: Path) -> None:
+    av_dir, ar_dir = write_pair(tmp_path)
+    av_dir.rename(tmp_path / "av")
+    ar_dir.rename(tmp_path / "ar")
+    assert detect_layout(tmp_path) == "paper"
+    nla = import_layout(tmp_path)
+    assert nla.meta.d_model == 48
+
+
+def _edit(path: Path, change) -> None:  # type: ignore[no-untyped-def]
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+
+
+@pytest.mark.parametrize(
+    ("which", "change", "message"),
+    [
+        ("av", lambda m: m["tokens"].pop("injection_right_neighbor_id"), "tokens.injection_right_neighbor_id"),
+        ("av", lambda m: m["extraction"].pop("injection_scale"), "extraction.injection_scale"),
+        ("ar", lambda m: m["critic"].update(extraction_layer_index=1), "contradictory"),
+        ("ar", lambda m: m.update(d_model=64), "d_model"),
+        ("av", lambda m: m["tokens"].update(injection_token_id=5), "tokens.injection_token_id"),
+        ("av", lambda m: m["tokens"].update(injection_left_neighbor_id=5), "tokens.injection_left_neighbor_id"),
+        ("av", lambda m: m.update(schema_version=1), "schema_version"),
+        ("av", lambda m: m["prompt_templates"].update(actor="other {injection_char}"), "prompt_templates"),
+        ("av", lambda m: m["prompt_templates"].update(av="no placeholder"), "injection_char"),
+        ("ar", lambda m: m["tokens"].update(critic_suffix_ids=[1, 2, 3]), "tokens.critic_suffix_ids"),
+        ("av", lambda m: m["extraction"].update(injection_scale="big"), "extraction.injection_scale"),
+    ],
+)
+def test_bad_sidecar_names_the_field(tmp_path: Path, which: str, change, message: str) -> None:  # type: ignore[no-untyped-def]
+    av_dir, ar_dir = write_pair(tmp_path)
+    _edit((av_dir if which == "av" else ar_dir) / "nla_meta.yaml", change)
+    with pytest.raises(NLAError, match=message.replace(".", r"\.")):
+        import_layout(av_dir, ar=ar_dir)
+
+
+def test_wrong_ar_depth_is_an_off_by_one_error(tmp_path: Path) -> None:
+    av_dir, ar_dir = write_pair(tmp_path)
+    for path in (av_dir, ar_dir):
+        _edit(path / "nla_meta.yaml", lambda m: m.update(extraction_layer_index=1)
+              if "extraction_layer_index" in m else m["critic"].update(extraction_layer_index=1))
+    with pytest.raises(NLAError, match="num_hidden_layers=3"):
+        import_layout(av_dir, ar=ar_dir)
+
+
+def test_half_without_partner_says_how_to_pass_it(tmp_path: Path) -> None:
+    av_dir, ar_dir = write_pair(tmp_path)
+    lone = ar_dir.rename(tmp_path / "elsewhere")
+    with pytest.raises(NLAError, match="--ar"):
+        NLA.from_pretrained(av_dir)
+    assert import_layout(av_dir, ar=lone).meta.layer_index == K
