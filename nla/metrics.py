@@ -61,9 +61,15 @@ def fve_meannorm(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor) -
     return fve_nrm(pred, target, mean_dir)
 
 
-def per_row_fve(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """``1 − mse_nrm_i / B`` per row (B over the rows given), for histograms and breakdowns."""
-    b = baseline_variance(target, mean)
+def per_row_fve(
+    pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, baseline: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """``1 − mse_nrm_i / B`` per row (B over the rows given), for histograms and breakdowns.
+
+    ``baseline``: a B computed over a larger reference set (the server passes B over all of a
+    text's positions, so one position's FVE does not depend on which others were asked for).
+    """
+    b = baseline_variance(target, mean) if baseline is None else torch.as_tensor(baseline, dtype=torch.float32)
     return 1.0 - mse_nrm(pred, target) / (b + EPS)
 
 
