@@ -6,7 +6,6 @@ No tests live here; the ``test_interop_*`` files import it.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch

@@ -152,6 +152,26 @@ def config_layers(folder: Path) -> int:
     raise NLAError(f"{path}: no num_hidden_layers")
 
 
+def config_width(folder: Path) -> int:
+    """``hidden_size`` from a model folder's config.json (read as data)."""
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    cfg = cfg.get("text_config") or cfg
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(cfg.get(name), int):
+            return int(cfg[name])
+    raise NLAError(f"{folder / 'config.json'}: no hidden_size")
+
+
+def check_width(d_model: int, folders: list[Path], where: str | Path, field: str = "d_model") -> None:
+    """The sidecar's width must be the models' width (a mismatch means the wrong pair)."""
+    for folder in folders:
+        width = config_width(folder)
+        if width != d_model:
+            raise NLAError(f"{where}: field {field!r} is {d_model} but {folder.name}/config.json has hidden_size {width}")
+
+
 def check_equal(values: dict[str, Any], where: str | Path) -> Any:
     """The one value several fields agree on; fields that disagree are named."""
     present = {k: v for k, v in values.items() if v is not None}

@@ -45,6 +45,7 @@ import torch
 from nla.errors import NLAError
 from nla.interop.common import (
     assemble,
+    check_width,
     config_layers,
     find_head_file,
     load_linear,
@@ -126,6 +127,7 @@ def load(path: str | Path, *, base_model: str | None = None, dtype: str | torch.
     for sub in (av_dir, ar_dir):
         if not (sub / "config.json").exists():
             raise NLAError(f"{root}: missing merged model folder {sub.name}/ (with config.json)")
+    check_width(d_model, [av_dir, ar_dir], where)
     n_layers = config_layers(av_dir)
     if not 0 <= layer < n_layers:
         raise NLAError(f"{where}: field 'layer' is {layer}, the AV has blocks 0..{n_layers - 1}")

@@ -32,6 +32,7 @@ from nla.errors import NLAError
 from nla.interop.common import (
     assemble,
     check_equal,
+    check_width,
     config_layers,
     find_head_file,
     load_linear,
@@ -127,6 +128,7 @@ def read_meta(av_dir: Path, ar_dir: Path, base_model: str | None = None) -> tupl
     d_model = check_equal({"d_model (AV)": av.get("d_model"), "d_model (AR)": ar.get("d_model")}, av_where)
     if not isinstance(d_model, int) or isinstance(d_model, bool) or d_model <= 0:
         raise NLAError(f"{av_where}: field 'd_model' has invalid value {d_model!r}")
+    check_width(d_model, [av_dir, ar_dir], av_where)
     critic: dict[str, Any] = ar["critic"] if isinstance(ar.get("critic"), dict) else {}
     layer = check_equal({
         "extraction_layer_index (AV)": av.get("extraction_layer_index"),
