@@ -17,10 +17,6 @@ import torch
 EPS = 1e-12
 
 
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().float() if not x.requires_grad else x.float()
-
-
 def normalize(v: torch.Tensor) -> torch.Tensor:
     """``sqrt(d) * v / ||v||`` along the last axis (fp32)."""
     v = v.float()
@@ -38,9 +34,14 @@ def mse_nrm(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    p, t = pred.float(), target.float()
-    num = (p * t).sum(-1)
-    return num / torch.sqrt((p * p).sum(-1) * (t * t).sum(-1) + EPS)
+    """Per-row cosine similarity (fp32; 0 for a zero vector).
+
+    Each vector is normalised on its own (eps inside each sqrt), so ``mse_nrm == 2 (1 − cos)``
+    holds exactly and small vectors are not biased: an eps on the *product* of the squared
+    norms would shrink the cosine of two 1e-2-norm vectors by 1e-4.
+    """
+    d = pred.shape[-1]
+    return (normalize(pred) * normalize(target)).sum(-1) / d
 
 
 def baseline_variance(target: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -79,20 +80,28 @@ def top1_retrieval(pred: torch.Tensor, target: torch.Tensor, n_candidates: int =
     Candidates are the true vector plus ``N − 1`` other rows drawn at random (seeded).
     Chance level is ``1 / N``.
     """
-    n = len(target)
-    if n < 2:
+    if len(target) < 2:
         return float("nan")
+    return float(retrieval_hits(pred, target, n_candidates, seed).float().mean())
+
+
+def retrieval_hits(pred: torch.Tensor, target: torch.Tensor, n_candidates: int = 16, seed: int = 0) -> torch.Tensor:
+    """Per row of :func:`top1_retrieval`: was the true vector the nearest of its N candidates?
+
+    Per-row hits let eval bootstrap the top-1 rate without resampling the candidate pools.
+    """
+    n = len(target)
     k = min(n_candidates, n)
     gen = torch.Generator().manual_seed(seed)
     p, t = normalize(pred), normalize(target)
-    hits = 0
+    hits = torch.zeros(n, dtype=torch.bool)
     for i in range(n):
         others = torch.randperm(n - 1, generator=gen)[: k - 1]
         others = others + (others >= i).long()
         cands = torch.cat([t[i : i + 1], t[others]])
         sims = (cands @ p[i]) / p.shape[-1]
-        hits += int(torch.argmax(sims).item() == 0)
-    return hits / n
+        hits[i] = bool(torch.argmax(sims).item() == 0)
+    return hits
 
 
 def shuffled_gap(pred: torch.Tensor, target: torch.Tensor, seed: int = 0) -> float:
