@@ -13,6 +13,7 @@ Values disagree? explicit argument > bundle sidecar > dataset sidecar.
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,6 +269,12 @@ class NLA:
                 raise NLAError(f"dataset {dataset} was extracted at layer {ds.meta.layer_index}, asked for layer {layer}")
             if ds.meta.d_model != d_model:
                 raise NLAError(f"dataset {dataset} has d_model={ds.meta.d_model}, model {spec} has {d_model}")
+        if injection_mode not in ("replace", "add"):
+            raise NLAError(f"injection mode must be 'replace' or 'add', got {injection_mode!r}")
+        if injection_mode == "add" and not 0 <= inject_layer < n_layers:
+            raise NLAError(f"inject_layer {inject_layer} is out of range: the model has blocks 0..{n_layers - 1}")
+        if injection_scale is not None and not (math.isfinite(injection_scale) and injection_scale > 0):
+            raise NLAError(f"injection scale must be a positive number, got {injection_scale}")
         if injection_scale is None:
             injection_scale = (ds.meta.injection_scale if ds is not None else None) or float(d_model) ** 0.5
 
@@ -287,8 +294,7 @@ class NLA:
             tokens=tokens,
             prompt_templates={"av": av_template, "ar": ar_template},
             mse_scale=float(d_model) ** 0.5,
-            dataset={"path": str(ds.path.resolve()), "rows": ds.meta.rows,
-                     "norm_mean": ds.meta.norm_stats.get("mean")} if ds is not None else {},
+            dataset=_dataset_stats(ds, mean) if ds is not None and mean is not None else {},
         )
         nla = cls(meta, av_model, ar, tokenizer, mean)
         if lora is not None:
@@ -429,11 +435,15 @@ class NLA:
         per = [{"mse_nrm": float(m), "cosine": float(c)} for m, c in zip(mse, cos)]
         summary: dict[str, float] = {"mse_nrm": float(mse.mean()), "cosine": float(cos.mean())}
         if self.mean_vector is not None:
-            summary = metrics.summarize(recon, vectors, self.mean_vector)
-            b = metrics.baseline_variance(vectors, self.mean_vector) if len(vectors) > 1 else None
-            for row, m in zip(per, mse):
-                if b is not None:
-                    row["fve_nrm"] = float(1 - m / b)
+            # B from the dataset when the bundle knows it: one vector has no spread to measure
+            # B on, and a vector's FVE should not depend on which others came in the same call.
+            b = self.baseline
+            if b is None and len(vectors) > 1:
+                b = float(metrics.baseline_variance(vectors, self.mean_vector))
+            summary = metrics.summarize(recon, vectors, self.mean_vector, baseline=b)
+            if b is not None:
+                for row, value in zip(per, metrics.per_row_fve(recon, vectors, self.mean_vector, b)):
+                    row["fve_nrm"] = float(value)
         return RoundTrip([a.explanation for a in answers], [a.raw for a in answers], recon, per, summary)
 
     def base_states(self, text: str) -> tuple[list[int], torch.Tensor]:
@@ -483,6 +493,30 @@ class NLA:
 
     def check_vectors(self, vectors: torch.Tensor) -> None:
         check_vectors(vectors, self.meta.d_model)
+
+    @property
+    def baseline(self) -> float | None:
+        """B of DESIGN.md §6 measured on the bundle's dataset (None when unknown)."""
+        value = self.meta.dataset.get("baseline_b")
+        return float(value) if isinstance(value, (int, float)) else None
+
+
+def _dataset_stats(ds: Any, mean: torch.Tensor) -> dict[str, Any]:
+    """What the bundle keeps of its dataset: where it was, its size, norm and B (DESIGN.md §6).
+
+    B is measured on the eval split (the rows metrics are reported on), or on every row when
+    a small dataset has no eval rows.
+    """
+    vecs = ds.vectors("eval")
+    if len(vecs) < 2:
+        vecs = ds.vectors()
+    return {
+        "path": str(ds.path.resolve()),
+        "rows": ds.meta.rows,
+        "norm_mean": ds.meta.norm_stats.get("mean"),
+        "baseline_b": float(metrics.baseline_variance(vecs, mean)) if len(vecs) else None,
+        "baseline_rows": len(vecs),
+    }
 
 
 def _unwrap(model: Any) -> Any:

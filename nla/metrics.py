@@ -50,9 +50,15 @@ def baseline_variance(target: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return (diff * diff).mean(-1).mean()
 
 
-def fve_nrm(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor) -> float:
-    """Fraction of variance explained, the headline metric (stricter than ``fve_meannorm``)."""
-    b = baseline_variance(target, mean)
+def fve_nrm(
+    pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, baseline: torch.Tensor | float | None = None
+) -> float:
+    """Fraction of variance explained, the headline metric (stricter than ``fve_meannorm``).
+
+    ``baseline``: a known B (for example the dataset's); by default B is computed over the
+    rows given, which needs several rows to mean anything.
+    """
+    b = baseline_variance(target, mean) if baseline is None else torch.as_tensor(baseline, dtype=torch.float32)
     return float(1.0 - mse_nrm(pred, target).mean() / (b + EPS))
 
 
@@ -71,7 +77,7 @@ def per_row_fve(
     text's positions, so one position's FVE does not depend on which others were asked for).
     """
     b = baseline_variance(target, mean) if baseline is None else torch.as_tensor(baseline, dtype=torch.float32)
-    return 1.0 - mse_nrm(pred, target) / (b + EPS)
+    return 1.0 - mse_nrm(pred, target) / (b.to(pred.device) + EPS)
 
 
 def top1_retrieval(pred: torch.Tensor, target: torch.Tensor, n_candidates: int = 16, seed: int = 0) -> float:
@@ -115,10 +121,12 @@ def shuffled_gap(pred: torch.Tensor, target: torch.Tensor, seed: int = 0) -> flo
     return float(mse_nrm(pred, target[wrong]).mean() - mse_nrm(pred, target).mean())
 
 
-def summarize(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor) -> dict[str, float]:
-    """The standard metric block for a set of reconstructions."""
+def summarize(
+    pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, baseline: torch.Tensor | float | None = None
+) -> dict[str, float]:
+    """The standard metric block for a set of reconstructions (``baseline``: a known B)."""
     return {
-        "fve_nrm": fve_nrm(pred, target, mean),
+        "fve_nrm": fve_nrm(pred, target, mean, baseline),
         "fve_meannorm": fve_meannorm(pred, target, mean),
         "mse_nrm": float(mse_nrm(pred, target).mean()),
         "cosine": float(cosine(pred, target).mean()),

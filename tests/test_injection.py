@@ -10,7 +10,13 @@ import torch
 from conftest import TINY_ARCHS
 
 from nla.errors import NLAError
-from nla.models.injection import Injector, MarkerTokens, check_vectors, find_marker, marker_positions
+from nla.models.injection import (
+    Injector,
+    MarkerTokens,
+    check_vectors,
+    find_marker,
+    marker_positions,
+)
 from nla.models.layers import decoder_blocks
 from nla.models.loading import load_model
 from nla.models.prompts import DEFAULT_AV_TEMPLATE, encode_rendered, render_chat, user_content
@@ -235,7 +241,7 @@ def test_injection_under_peft_lora(av: tuple[str, Verbalizer]) -> None:
 def test_marker_count_mismatch_is_an_error(av: tuple[str, Verbalizer]) -> None:
     _, v = av
     ids, _ = _prompt(v)
-    with v.injector(_vec(v.d_model, n=2)), pytest.raises(NLAError, match="found 1 marker tokens .* got 2 vectors"):
+    with v.injector(_vec(v.d_model, n=2)), pytest.raises(NLAError, match=r"found 1 marker tokens .* got 2 vectors"):
         v.model(input_ids=ids)
     # A row without the marker (a prompt that lost it) is refused, never silently uninjected.
     no_marker = torch.tensor([v.tokenizer.encode("plain text without it", add_special_tokens=False)])

@@ -56,7 +56,7 @@ def test_gpt2_without_chat_template_uses_plain_chat() -> None:
 
 
 def test_completion_suffix_and_end_tokens(tok: tuple[str, object]) -> None:
-    arch, t = tok
+    _arch, t = tok
     content = user_content(DEFAULT_AV_TEMPLATE, "§")
     suffix = completion_suffix(t, content, format_response("a cat"))
     assert suffix.startswith("<explanation>a cat</explanation>")

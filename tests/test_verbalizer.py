@@ -16,7 +16,7 @@ def av(request: pytest.FixtureRequest) -> tuple[str, Verbalizer]:
 
 
 def test_training_example_prompt_first_then_answer(av: tuple[str, Verbalizer]) -> None:
-    arch, v = av
+    _arch, v = av
     ids, n_prompt = v.training_example("the word 'for' in a loop")
     assert ids[:n_prompt] == v.prompt_ids()
     answer = v.tokenizer.decode(ids[n_prompt:])
