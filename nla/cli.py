@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "nla.data.extract",
     "nla.label.runner",
     "nla.bundle_cli",
+    "nla.eval.cli",
     "nla.serve.cli",
     "nla.interop.cli",
 ]
