@@ -1,0 +1,94 @@
+"""The release registry, layout detection, offline behaviour and `nla releases`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nla.errors import NLAError
+from nla.interop import detect_layout, load_release, releases
+from nla.interop.registry import releases as read_registry
+
+
+def test_shipped_registry_lists_the_paper_pair() -> None:
+    known = releases()
+    paper = known["qwen2.5-7b-L20"]
+    assert (paper.layout, paper.repo_id, paper.ar_repo_id, paper.layer) == (
+        "paper", "kitft/nla-qwen2.5-7b-L20-av", "kitft/nla-qwen2.5-7b-L20-ar", 20)
+    assert paper.status == "published"
+    assert {r.layout for r in known.values()} >= {"paper", "nanonla", "peft_pair", "universal"}
+    assert all(r.status in ("published", "example") for r in known.values())
+
+
+def test_broken_registry_entry_names_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("releases:\n  x: {layout: paper, repo_id: a/b, base_model: m, layer: 3}\n")
+    with pytest.raises(NLAError, match="ar_repo_id"):
+        read_registry(path)
+    path.write_text("releases:\n  x: {layout: weird, repo_id: a/b, base_model: m, layer: 3}\n")
+    with pytest.raises(NLAError, match="'layout'"):
+        read_registry(path)
+    path.write_text("releases:\n  x: {layout: nanonla, repo_id: a/b, base_model: m}\n")
+    with pytest.raises(NLAError, match="'layer'"):
+        read_registry(path)
+
+
+@pytest.mark.parametrize("source", ["qwen2.5-7b-L20", "someone/some-nla-av"])
+def test_offline_release_says_it_needs_the_hub(source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nla import NLA
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to fall back on
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NLAError) as err:
+        NLA.from_pretrained(source)
+    message = str(err.value)
+    assert "needs the Hugging Face hub" in message and "local-dir" in message and "nla import DIR" in message
+    assert "\n" not in message
+
+
+def test_cli_offline_import_is_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-m", "nla.cli", "import", "qwen2.5-7b-L20", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "needs the Hugging Face hub" in lines[0]
+
+
+def test_unknown_sources_and_layouts(tmp_path: Path) -> None:
+    with pytest.raises(NLAError, match="known release"):
+        load_release("no-such-release")
+    with pytest.raises(NLAError, match="not a known NLA layout"):
+        detect_layout(tmp_path)
+    (tmp_path / "nla_meta.yaml").write_text("kind: something_else\n")
+    with pytest.raises(NLAError, match="'kind' is 'something_else'"):
+        detect_layout(tmp_path)
+
+
+def test_releases_command_lists_names(capsys: pytest.CaptureFixture[str]) -> None:
+    from nla.cli import main
+
+    assert main(["releases"]) == 0
+    out = capsys.readouterr().out
+    assert "qwen2.5-7b-L20" in out and "kitft/nla-qwen2.5-7b-L20-av" in out and "example" in out
+    assert main(["releases", "--json"]) == 0
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    assert data["qwen2.5-7b-L20"]["layout"] == "paper"
+
+
+def test_native_bundle_detected(tmp_path: Path) -> None:
+    from nla import NLA
+    from nla.interop import import_layout
+
+    nla = NLA.initialize("tiny:gpt2", dtype="float32", device="cpu")
+    nla.save_pretrained(tmp_path / "b")
+    assert detect_layout(tmp_path / "b") == "bundle"
+    again = import_layout(tmp_path / "b")
+    assert again.meta.d_model == 32
