@@ -438,7 +438,7 @@ class RLTrainer:
                         break
                     loss.backward()
                     total_loss += float(loss.detach())
-                    kl_sum += float(seq_kl.sum())
+                    kl_sum += float(seq_kl.detach().sum())
                 if epoch == 0:
                     kl_first = kl_sum / max(len(keep), 1)
                 if bad:
@@ -478,7 +478,7 @@ class RLTrainer:
                 continue
             loss.backward()
             loop.guarded_step(self.ar_opt, self.ar_params, cfg.max_grad_norm)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         ar.eval()
         return sum(losses) / len(losses) if losses else float("nan")
 

@@ -1,0 +1,270 @@
+"""nla.train.rl and nla.train.generation: GRPO of the AV against the AR, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from nla.bundle import NLA, LoraSettings
+from nla.errors import NLAError
+from nla.train.generation import Rollout, SamplingSettings, TransformersBackend, make_backend
+from nla.train.loop import read_metrics
+from nla.train.rl import (
+    RLConfig,
+    RLTrainer,
+    batch_indices,
+    completion_logprobs,
+    grpo_token_loss,
+    prepare_policy,
+    train_rl,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # The test machines are small and shared: several BLAS threads per process thrash.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def warm_start(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SFT-free tiny bundle whose AV LoRA adapter is *non-zero* (so it differs from the base)."""
+    nla = NLA.initialize(dataset=str(tiny_dataset), lora=LoraSettings(r=4))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in nla.av_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    out = tmp_path_factory.mktemp("rl") / "warm"
+    nla.save_pretrained(out)
+    return out
+
+
+def _rl_records(run: Path) -> list[dict[str, Any]]:
+    return [r for r in read_metrics(run / "metrics.jsonl") if r["phase"] == "rl"]
+
+
+# ---------------------------------------------------------------- pieces
+def test_batch_indices_cover_epochs_and_are_a_function_of_step() -> None:
+    first = [i for s in range(5) for i in batch_indices(10, 4, s, seed=3)]
+    assert sorted(first[:10]) == list(range(10))  # epoch 0 visits every row once
+    assert batch_indices(10, 4, 3, seed=3) == first[12:16]  # same step, same rows: resume-safe
+    assert batch_indices(3, 7, 0, seed=0).count(0) >= 2  # a batch larger than the split wraps
+    with pytest.raises(NLAError, match="no 'rl' rows"):
+        batch_indices(0, 4, 0, seed=0)
+
+
+def test_grpo_loss_is_reinforce_on_policy_and_clipped_off_policy() -> None:
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.5]], requires_grad=True)
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss, kl = grpo_token_loss(logp, logp.detach(), logp.detach(), adv, mask, kl_coef=0.5, clip_eps=0.2)
+    assert torch.allclose(kl, torch.zeros(2))  # policy == reference
+    loss.sum().backward()
+    assert logp.grad is not None
+    # d/dlogp of −A·ratio at ratio 1 is −A per unmasked token (token mean per sequence).
+    assert torch.allclose(logp.grad, torch.tensor([[-0.5, -0.5], [1.0, 0.0]]))
+    # Ratio far above 1 + eps with A > 0: clipped, so no gradient.
+    lp = torch.tensor([[0.0]], requires_grad=True)
+    clipped, _ = grpo_token_loss(lp, torch.tensor([[-1.0]]), None, torch.tensor([1.0]), torch.ones(1, 1), 0.0, 0.2)
+    clipped.sum().backward()
+    assert lp.grad is not None and float(lp.grad.abs().sum()) == 0.0
+    # k3 is non-negative and zero only at equality.
+    _, kl2 = grpo_token_loss(torch.tensor([[-1.0]]), torch.tensor([[-1.0]]), torch.tensor([[-3.0]]),
+                             torch.tensor([0.0]), torch.ones(1, 1), 1.0, 0.2)
+    assert float(kl2) > 0
+
+
+def test_transformers_backend_rollouts(warm_start: Path) -> None:
+    nla = NLA.from_pretrained(warm_start)
+    backend = TransformersBackend(nla.verbalizer)
+    vecs = torch.randn(3, nla.meta.d_model, generator=torch.Generator().manual_seed(1))
+    settings = SamplingSettings(max_new_tokens=6, batch_size=4)  # 4 does not divide 6: uneven chunks
+    rolls = backend.generate(vecs, 2, settings, seed=5)
+    assert [r.vector_index for r in rolls] == [0, 0, 1, 1, 2, 2]  # group-major
+    for r in rolls:
+        assert 1 <= len(r.completion_ids) <= 6
+        assert r.finished == (r.completion_ids[-1] in nla.verbalizer.end_ids)
+        assert r.invalid  # an untrained AV writes no <explanation> tags
+    again = backend.generate(vecs, 2, settings, seed=5)
+    assert [r.completion_ids for r in again] == [r.completion_ids for r in rolls]  # seeded
+    other = backend.generate(vecs, 2, settings, seed=6)
+    assert [r.completion_ids for r in other] != [r.completion_ids for r in rolls]
+    with pytest.raises(NLAError, match="temperature must be > 0"):
+        backend.generate(vecs, 2, SamplingSettings(temperature=0.0), seed=0)
+
+
+def test_vllm_backend_names_the_missing_package(warm_start: Path) -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:  # pragma: no cover - only where vLLM is installed
+        pytest.fail("this test checks the import-failure path; vLLM is installed here")
+    nla = NLA.from_pretrained(warm_start)
+    with pytest.raises(NLAError, match="vLLM is not installed"):
+        make_backend("vllm", nla.verbalizer, base_dir=warm_start)
+    with pytest.raises(NLAError, match="unknown generation backend 'hf'"):
+        make_backend("hf", nla.verbalizer)
+
+
+def test_logprobs_do_not_depend_on_padding_or_batching(warm_start: Path) -> None:
+    nla = NLA.from_pretrained(warm_start)
+    vb = nla.verbalizer
+    vecs = torch.randn(3, nla.meta.d_model, generator=torch.Generator().manual_seed(2))
+    comps = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    pad = vb.tokenizer.pad_token_id
+    with torch.no_grad(), vb.injector() as inj:
+        together, mask = completion_logprobs(nla.av_model, inj, vb.prompt_ids(), comps, vecs, 1.0, pad)
+        for i, c in enumerate(comps):
+            alone, _ = completion_logprobs(nla.av_model, inj, vb.prompt_ids(), [c], vecs[i : i + 1], 1.0, pad)
+            assert torch.allclose(together[i, : len(c)], alone[0], atol=1e-5)
+        # The vector matters: another vector gives other log-probs for the same tokens.
+        other, _ = completion_logprobs(nla.av_model, inj, vb.prompt_ids(), comps, -vecs, 1.0, pad)
+    assert mask.sum().item() == sum(len(c) for c in comps)
+    assert not torch.allclose(together * mask, other * mask, atol=1e-4)
+
+
+def test_lora_reference_is_the_warm_start_not_the_base(warm_start: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    warm = NLA.from_pretrained(warm_start)
+    vb = warm.verbalizer
+    vec = torch.randn(1, warm.meta.d_model, generator=torch.Generator().manual_seed(3))
+    comp = [[20, 21, 22, 23]]
+    pad = vb.tokenizer.pad_token_id
+    with torch.no_grad(), vb.injector() as inj:
+        expected, _ = completion_logprobs(warm.av_model, inj, vb.prompt_ids(), comp, vec, 1.0, pad)
+        with warm.av_model.disable_adapter():
+            base, _ = completion_logprobs(warm.av_model, inj, vb.prompt_ids(), comp, vec, 1.0, pad)
+    assert not torch.allclose(expected, base, atol=1e-4)  # the warm-start adapter does something
+    cfg = RLConfig(nla=str(warm_start), data=str(tiny_dataset), out=str(tmp_path / "r"), lora_r=4)
+    ref = prepare_policy(warm, cfg)
+    assert ref is None  # no second copy: the adapter-off policy is the reference
+    with torch.no_grad():
+        for name, p in warm.av_model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1)  # pretend RL moved the policy
+        with warm.av_model.disable_adapter(), vb.injector() as inj:
+            got, _ = completion_logprobs(warm.av_model, inj, vb.prompt_ids(), comp, vec, 1.0, pad)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_ar_keeps_learning_on_fresh_explanations(warm_start: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    cfg = RLConfig(nla=str(warm_start), data=str(tiny_dataset), out=str(tmp_path / "r"), ar_lr=3e-3, ar_steps=1,
+                   eval_rows=0)
+    trainer = RLTrainer(cfg)
+    vecs = trainer.vectors[:4].repeat_interleave(2, 0)
+    words = ["alpha beta", "gamma delta", "epsilon zeta", "eta theta"]
+    rolls = [Rollout(i // 2, [1], words[i // 2], words[i // 2], True) for i in range(8)]
+    rolls.append(Rollout(3, [1], "junk", None, False))  # invalid: the AR must not train on it
+    vecs = torch.cat([vecs, trainer.vectors[:1]])
+    losses = [trainer._ar_update(rolls, vecs, step) for step in range(15)]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.05
+
+
+# ---------------------------------------------------------------- whole runs
+def _letter_e_reward(tokenizer: Any, fail_at_step: int | None = None) -> Any:
+    """A dense, learnable reward for an untrained AV: the share of answer tokens containing 'e'."""
+    e_ids = {i for i in range(len(tokenizer)) if "e" in tokenizer.decode([i])}
+
+    def reward(vectors: torch.Tensor, explanations: list[str | None], reconstructions: torch.Tensor,
+               token_ids: list[list[int]], step: int, **ctx: Any) -> list[float]:
+        if fail_at_step is not None and step == fail_at_step:
+            raise KeyboardInterrupt  # a kill in the middle of a run
+        return [sum(t in e_ids for t in ids) / max(len(ids), 1) for ids in token_ids]
+
+    return reward
+
+
+def test_reward_is_learned_and_a_resumed_run_continues_the_curve(
+    warm_start: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    tok = NLA.from_pretrained(warm_start).tokenizer
+
+    def cfg(out: Path, resume: bool = False) -> RLConfig:
+        # Full fine-tuning (frozen reference copy) at a high lr: learnable in a couple dozen steps.
+        return RLConfig(nla=str(warm_start), data=str(tiny_dataset), out=str(out), steps=20, batch_size=4,
+                        group_size=4, max_new_tokens=8, lr=1e-2, lora_r=0, invalid_reward=None, train_ar=False,
+                        eval_rows=0, save_every=5, seed=1, progress=False, resume=resume)
+
+    full = tmp_path / "full"
+    train_rl(cfg(full), rewards=[(_letter_e_reward(tok), 1.0)])
+    recs = _rl_records(full)
+    rewards = [r["reward"] for r in recs]
+    assert len(rewards) == 20
+    assert all(isinstance(r["kl"], float) and math.isfinite(r["kl"]) for r in recs)
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.15, rewards
+    assert recs[-1]["kl"] > 0  # it moved away from the reference, and says so
+    assert (full / "curves.png").stat().st_size > 0
+    assert NLA.from_pretrained(full).meta.av_format == "full"
+
+    # Killed during step 13, resumed from the step-10 checkpoint: the same curve.
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train_rl(cfg(cut), rewards=[(_letter_e_reward(tok, fail_at_step=12), 1.0)])
+    assert len(_rl_records(cut)) == 12
+    train_rl(cfg(cut, resume=True), rewards=[(_letter_e_reward(tok), 1.0)])
+    resumed = [r["reward"] for r in _rl_records(cut)]
+    assert [r["step"] for r in _rl_records(cut)] == list(range(1, 21))  # no duplicates after the resume
+    assert resumed == pytest.approx(rewards, abs=1e-4)
+
+
+def test_cli_neg_mse_end_to_end_with_lora(warm_start: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    from nla.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["train", "rl", "--nla", str(warm_start), "--data", str(tiny_dataset), "--out", str(out),
+               "--steps", "3", "--batch-size", "3", "--group-size", "2", "--max-new-tokens", "10",
+               "--eval-rows", "4", "--lora-r", "4", "--lr", "1e-3", "--no-progress"])
+    assert rc == 0
+    recs = _rl_records(out)
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    keys = {"reward", "fve_nrm", "kl", "length", "distinct_rate", "collapse_alarm", "unparseable",
+            "sec_generate", "sec_reward", "sec_update"}
+    assert keys <= set(recs[0])
+    assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # fresh adapter: policy == reference
+    assert all(math.isfinite(r["kl"]) for r in recs)
+    # An untrained AV writes nothing parseable: every rollout gets the −2 floor.
+    assert recs[0]["unparseable"] == 1.0 and recs[0]["reward"] == -2.0
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if r["phase"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 3] and math.isfinite(evals[-1]["eval_fve_nrm"])
+    summary = json.loads((out / "rl_summary.json").read_text())
+    assert "eval_before" in summary and "collapsed" in summary
+    trained = NLA.from_pretrained(out)
+    assert trained.meta.av_format == "full" and trained.meta.ar_format == "peft"
+    assert len(trained.verbalize(torch.randn(1, trained.meta.d_model), max_new_tokens=4)[0]) == 1
+
+
+def test_mode_collapse_is_detected_and_reported(warm_start: Path, tiny_dataset: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # Near-greedy sampling from an untrained AV: every vector gets the same answer.
+    cfg = RLConfig(nla=str(warm_start), data=str(tiny_dataset), out=str(tmp_path / "c"), steps=2, batch_size=4,
+                   group_size=2, max_new_tokens=6, temperature=0.01, eval_rows=4, progress=False)
+    summary = train_rl(cfg)
+    recs = _rl_records(tmp_path / "c")
+    assert all(r["collapse_alarm"] for r in recs) and recs[-1]["distinct_rate"] < 0.5
+    assert summary["collapsed"] is True and summary["collapse_alarm_steps"] == [1, 2]
+    assert "mode collapse" in capsys.readouterr().err
+
+
+def test_bad_settings_are_one_line_errors(warm_start: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    from nla.cli import main
+
+    base = ["train", "rl", "--nla", str(warm_start), "--data", str(tiny_dataset), "--out", str(tmp_path / "x")]
+    with pytest.raises(NLAError, match="--group-size >= 2"):
+        RLTrainer(RLConfig(nla=str(warm_start), data=str(tiny_dataset), out=str(tmp_path), group_size=1))
+    with pytest.raises(NLAError, match="--nla is required"):
+        RLTrainer(RLConfig(data=str(tiny_dataset), out=str(tmp_path)))
+    assert main([*base, "--reward", "nope"]) == 2
+    assert main([*base, "--reward", "neg_mse", "contrastive", "--reward-weights", "1"]) == 2
+    assert main([*base, "--generation-backend", "vllm"]) == 2
