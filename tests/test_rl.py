@@ -268,3 +268,18 @@ def test_bad_settings_are_one_line_errors(warm_start: Path, tiny_dataset: Path, 
     assert main([*base, "--reward", "nope"]) == 2
     assert main([*base, "--reward", "neg_mse", "contrastive", "--reward-weights", "1"]) == 2
     assert main([*base, "--generation-backend", "vllm"]) == 2
+
+
+@pytest.mark.slow
+def test_rl_step_on_the_embedded_default(tmp_path: Path) -> None:
+    """One GRPO step (and its checkpoint) on SmolLM2-135M: the real model's shapes and template."""
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "data", arch="llama", docs=8, model="default", min_position=20, seq_len=64)
+    NLA.initialize(dataset=str(data), lora=LoraSettings(r=4)).save_pretrained(tmp_path / "init")
+    cfg = RLConfig(nla=str(tmp_path / "init"), data=str(data), out=str(tmp_path / "rl"), steps=1, batch_size=2,
+                   group_size=2, max_new_tokens=6, lora_r=4, eval_rows=2, progress=False)
+    summary = train_rl(cfg)
+    (rec,) = _rl_records(tmp_path / "rl")
+    assert math.isfinite(rec["kl"]) and math.isfinite(rec["reward"]) and summary["steps"] == 1
+    assert NLA.from_pretrained(tmp_path / "rl").meta.d_model == 576
