@@ -15,8 +15,16 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_init(args: Any) -> None:
+    from pathlib import Path
+
     from nla.bundle import NLA, LoraSettings
 
+    out = Path(args.out)
+    # A bundle folder may hold a trained run: never replace one by an untrained bundle by accident.
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise NLAError(f"--out {out} exists and is not empty (pass --force to replace it)")
+    if args.lora_r < 0:
+        raise NLAError(f"--lora-r must be 0 (full) or a positive rank, got {args.lora_r}")
     nla = NLA.initialize(
         args.model, dataset=args.data, layer=args.layer, injection_mode=args.injection,
         injection_scale=args.injection_scale, lora=LoraSettings(r=args.lora_r) if args.lora_r else None,
@@ -29,10 +37,17 @@ def cmd_init(args: Any) -> None:
 def cmd_verbalize(args: Any) -> None:
     from nla.bundle import NLA, load_vectors
 
+    # Argument mistakes are reported before the (slow) model load.
+    if args.position is not None and args.text is None:
+        raise NLAError("--position needs --text (it picks a token of that text)")
+    if args.n < 1:
+        raise NLAError(f"--n must be at least 1, got {args.n}")
+    if args.max_new_tokens < 1:
+        raise NLAError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    vectors = load_vectors(args.vectors) if args.vectors else None
     nla = NLA.from_pretrained(args.nla, device=args.device)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.n > 1 or args.sample, seed=args.seed)
-    if args.vectors:
-        vectors = load_vectors(args.vectors)
+    if vectors is not None:
         nla.check_vectors(vectors)
         outs = nla.verbalize(vectors, n=args.n, **gen)
         rows: list[dict[str, Any]] = [{"index": i, "explanations": [o.explanation for o in out], "raw": [o.raw for o in out]}
@@ -78,7 +93,8 @@ def register(sub: Any) -> None:
     p.add_argument("--injection", default="replace", choices=["replace", "add"])
     p.add_argument("--injection-scale", type=float, default=None)
     p.add_argument("--lora-r", type=int, default=0, help="wrap AV/AR in LoRA adapters of this rank (0: full)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("verbalize", help="vectors (or a text's positions) → explanations")
