@@ -18,9 +18,11 @@ COMMAND_MODULES = [
     "nla.data.extract",
     "nla.label.runner",
     "nla.bundle_cli",
+    "nla.interop.cli",
+    "nla.train.cli",
     "nla.eval.cli",
     "nla.serve.cli",
-    "nla.interop.cli",
+    "nla.universal.cli",
 ]
 
 

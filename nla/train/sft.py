@@ -1,0 +1,590 @@
+"""Warm-start SFT of the AV and the AR (DESIGN.md §1, §4, §5): `nla train av|ar|sft`.
+
+* **AV**: cross-entropy on the response tokens only (prompt and padding labelled −100), each
+  row's vector injected at its marker; rows of the ``av_sft`` split with an explanation.
+* **AR**: ``mse_nrm`` between the reconstruction of a row's explanation and its vector, on
+  ``ar_sft``; the value head trains in fp32 (identity-initialised by the bundle).
+
+One code path runs on one CPU and under ``accelerate launch`` (DDP): every process derives the
+same data plan from the seed, takes its own slice of each global batch, and scales its summed
+loss by ``world_size / global_count`` so that DDP's gradient average equals the gradient of the
+mean over the *global* batch — a 2-process run then matches a 1-process run with the same
+global batch up to float noise, whatever the per-process token counts.
+
+Resume: the plan is a pure function of (seed, dataset, batch settings), so a checkpoint only
+records how many optimizer steps are done; optimizer, scheduler and RNG state are restored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nla import metrics
+from nla.config import config_to_dict, opt
+from nla.errors import NLAError
+from nla.meta import read_yaml
+from nla.train import loop
+
+TARGETS = ("av", "ar")
+CONFIG_FILE = "train_config.yaml"
+# Settings that may change between a run and its resume without changing its results.
+RESUME_FREE = {"resume", "progress", "device", "tensorboard", "wandb", "wandb_project", "stop_after_steps",
+               "save_every", "keep_checkpoints"}
+
+
+@dataclass
+class SFTConfig:
+    data: str = opt("", help="activation dataset folder with explanations (`nla label` fills them)")
+    out: str = opt("", help="run folder: final bundle, checkpoints/, metrics.jsonl, curves.png, train_config.yaml")
+    init: str | None = opt(None, help="start from this bundle (a previous run); default: a fresh bundle from --data's base model")
+    model: str | None = opt(None, help="base model for a fresh bundle (default: the dataset's)")
+    lora: bool = opt(True, help="train LoRA adapters (--no-lora: full fine-tuning)")
+    lora_r: int = opt(16, help="LoRA rank")
+    lora_alpha: int = opt(32, help="LoRA alpha")
+    lora_dropout: float = opt(0.0, help="LoRA dropout")
+    lora_target_modules: list[str] = opt([], help="module names to adapt (default: all linear layers)")  # noqa: RUF009
+    use_rslora: bool = opt(False, help="rank-stabilised LoRA scaling (alpha / sqrt(r))")
+    precision: str = opt("fp32", help="fp32, or bf16 (autocast, fp32 master weights; the AR value head stays fp32)")
+    lr: float = opt(2e-4, help="AV learning rate")
+    ar_lr: float | None = opt(None, help="AR learning rate (default: --lr)")
+    head_lr: float | None = opt(None, help="AR value-head learning rate (default: the AR learning rate)")
+    weight_decay: float = opt(0.0, help="AdamW weight decay")
+    batch_size: int = opt(8, help="rows per micro-batch per process")
+    grad_accum: int = opt(1, help="micro-batches per optimizer step (global batch = batch_size × grad_accum × processes)")
+    epochs: float = opt(1.0, help="passes over the training split (fractions allowed)")
+    max_steps: int | None = opt(None, help="optimizer steps per model (overrides --epochs)")
+    ar_max_steps: int | None = opt(None, help="AR optimizer steps (default: --max-steps)")
+    warmup_ratio: float = opt(0.05, help="fraction of steps of linear warm-up before the cosine decay")
+    min_lr_ratio: float = opt(0.0, help="the cosine decays to this fraction of the learning rate")
+    max_grad_norm: float = opt(1.0, help="gradient clipping norm (0: off)")
+    max_length: int = opt(256, help="longest training sequence in tokens (AV answers are cut, AR inputs cut in the middle)")
+    gradient_checkpointing: bool = opt(False, help="recompute activations in the backward pass (less memory, ~30% slower)")
+    group_by_length: bool = opt(True, help="batch rows of similar length together (less padding)")
+    eval_every: int = opt(50, help="evaluate on the `eval` split every N steps (0: only at start and end)")
+    eval_rows: int = opt(128, help="held-out rows used per evaluation")
+    save_every: int = opt(100, help="save a checkpoint (a complete bundle) every N steps (0: only at the end)")
+    keep_checkpoints: int = opt(2, help="checkpoints kept per model")
+    log_every: int = opt(1, help="write train metrics every N steps")
+    seed: int = opt(0, help="seed for data order and initialisation")
+    resume: bool = opt(False, help="continue from the last checkpoint in --out (same data order)")
+    stop_after_steps: int | None = opt(None, help="stop after this many optimizer steps in this invocation (resume later)")
+    device: str = opt("auto", help="cpu, cuda, ... (auto: cuda when available; under accelerate: the process's device)")
+    progress: bool = opt(True, help="show a progress bar")
+    tensorboard: bool = opt(False, help="also log to TensorBoard (RUN/tensorboard) if installed")
+    wandb: bool = opt(False, help="also log to Weights & Biases if installed (key from WANDB_API_KEY)")
+    wandb_project: str = opt("nla", help="W&B project")
+
+
+# ---------------------------------------------------------------- data plan
+@dataclass
+class Example:
+    ids: list[int]
+    n_prompt: int  # AV: tokens before the answer (masked); AR: unused (0)
+    row: int  # index into the split's vectors
+
+
+def plan_steps(lengths: list[int], global_batch: int, seed: int, epochs: float, max_steps: int | None,
+               group_by_length: bool) -> list[list[int]]:
+    """Row indices of every optimizer step of the run, derived only from the seed.
+
+    Length grouping follows the usual mega-batch scheme: shuffle, cut into windows of 32 global
+    batches, sort each window by length, cut into batches, shuffle the batches — similar lengths
+    share a batch, yet the order stays random. Incomplete last batches are dropped so every
+    process gets a full share.
+    """
+    n = len(lengths)
+    if n < global_batch:
+        raise NLAError(f"only {n} training rows for a global batch of {global_batch}; lower --batch-size/--grad-accum")
+    per_epoch = n // global_batch
+    total = max_steps if max_steps is not None else max(1, math.floor(epochs * per_epoch))
+    steps: list[list[int]] = []
+    epoch = 0
+    while len(steps) < total:
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(n, generator=gen).tolist()
+        batches: list[list[int]] = []
+        if group_by_length:
+            window = global_batch * 32
+            for start in range(0, n, window):
+                chunk = sorted(perm[start : start + window], key=lambda i: -lengths[i])
+                batches += [chunk[i : i + global_batch] for i in range(0, len(chunk), global_batch)]
+            batches = [b for b in batches if len(b) == global_batch]
+            order = torch.randperm(len(batches), generator=gen).tolist()
+            batches = [batches[i] for i in order]
+        else:
+            batches = [perm[i : i + global_batch] for i in range(0, per_epoch * global_batch, global_batch)]
+        steps += batches
+        epoch += 1
+    return steps[:total]
+
+
+def micro_batches(step_rows: list[int], lengths: list[int], batch_size: int, grad_accum: int,
+                  world: int, rank: int) -> list[list[int]]:
+    """This process's ``grad_accum`` micro-batches of one global batch (similar lengths together)."""
+    rows = sorted(step_rows, key=lambda i: -lengths[i])
+    parts = [rows[k * batch_size : (k + 1) * batch_size] for k in range(grad_accum * world)]
+    return [parts[a * world + rank] for a in range(grad_accum)]
+
+
+def padding_fraction(plan: list[list[int]], lengths: list[int], batch_size: int) -> float:
+    """Share of the tokens in padded micro-batches that are padding."""
+    total = real = 0
+    for step in plan:
+        rows = sorted(step, key=lambda i: -lengths[i])
+        for k in range(0, len(rows), batch_size):
+            mb = [lengths[i] for i in rows[k : k + batch_size]]
+            total += max(mb) * len(mb)
+            real += sum(mb)
+    return 1 - real / max(total, 1)
+
+
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------- tasks
+class Task:
+    """What differs between AV and AR training: the examples, the module, the loss."""
+
+    name: str
+    split: str
+
+    def __init__(self, nla: Any, cfg: SFTConfig):
+        self.nla = nla
+        self.cfg = cfg
+
+    def module(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def examples(self, rows: list[dict[str, Any]]) -> list[Example]:
+        raise NotImplementedError
+
+    def loss_sum(self, model: torch.nn.Module, batch: list[Example], vectors: torch.Tensor,
+                 device: torch.device) -> tuple[torch.Tensor, int]:
+        """(summed loss over the batch's loss units, number of units)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module, examples: list[Example], vectors: torch.Tensor,
+                 device: torch.device) -> dict[str, float]:
+        raise NotImplementedError
+
+    def pad_id(self) -> int:
+        tok = self.nla.tokenizer
+        return int(tok.pad_token_id if tok.pad_token_id is not None else 0)
+
+
+class AVTask(Task):
+    name, split = "av", "av_sft"
+
+    def __init__(self, nla: Any, cfg: SFTConfig):
+        super().__init__(nla, cfg)
+        self.injector = nla.verbalizer.injector()
+
+    def module(self) -> torch.nn.Module:
+        return self.nla.av_model
+
+    def examples(self, rows: list[dict[str, Any]]) -> list[Example]:
+        out = []
+        for i, r in enumerate(rows):
+            # A universal dataset (DESIGN.md §9) names each row's model; the AV reads it as text.
+            ids, n_prompt = self.nla.verbalizer.training_example(r["explanation"], r.get("tag"))
+            if n_prompt >= self.cfg.max_length:
+                raise NLAError(f"--max-length {self.cfg.max_length} is shorter than the AV prompt ({n_prompt} tokens)")
+            out.append(Example(ids[: self.cfg.max_length], n_prompt, i))
+        return out
+
+    def loss_sum(self, model: torch.nn.Module, batch: list[Example], vectors: torch.Tensor,
+                 device: torch.device) -> tuple[torch.Tensor, int]:
+        ids, mask = pad_right([e.ids for e in batch], self.pad_id())
+        labels = av_labels(ids, mask, [e.n_prompt for e in batch])
+        self.injector.set_vectors(vectors[[e.row for e in batch]])
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        # Shifted: the logits at t predict token t+1. fp32 for the log-softmax under bf16.
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device),
+            ignore_index=-100, reduction="sum",
+        )
+        return loss, int((labels[:, 1:] != -100).sum())
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, examples: list[Example], vectors: torch.Tensor,
+                 device: torch.device) -> dict[str, float]:
+        total, count = 0.0, 0
+        for start in range(0, len(examples), self.cfg.batch_size):
+            loss, n = self.loss_sum(model, examples[start : start + self.cfg.batch_size], vectors, device)
+            total, count = total + float(loss), count + n
+        return {"loss": total / max(count, 1)}
+
+
+def av_labels(ids: torch.Tensor, mask: torch.Tensor, n_prompt: list[int]) -> torch.Tensor:
+    """Labels = ids on the answer, −100 on the prompt and on padding (no loss there)."""
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    for r, n in enumerate(n_prompt):
+        labels[r, :n] = -100
+    return labels
+
+
+class ARTask(Task):
+    name, split = "ar", "ar_sft"
+
+    def __init__(self, nla: Any, cfg: SFTConfig, mean: torch.Tensor):
+        super().__init__(nla, cfg)
+        self.mean = mean
+        nla.ar.max_length = cfg.max_length
+
+    def module(self) -> torch.nn.Module:
+        return self.nla.ar
+
+    def examples(self, rows: list[dict[str, Any]]) -> list[Example]:
+        return [Example(self.nla.ar.token_ids(r["explanation"]), 0, i) for i, r in enumerate(rows)]
+
+    def predict(self, model: torch.nn.Module, batch: list[Example], device: torch.device) -> torch.Tensor:
+        ids, mask = pad_right([e.ids for e in batch], self.pad_id())
+        return model(ids.to(device), mask.to(device))
+
+    def loss_sum(self, model: torch.nn.Module, batch: list[Example], vectors: torch.Tensor,
+                 device: torch.device) -> tuple[torch.Tensor, int]:
+        pred = self.predict(model, batch, device)
+        target = vectors[[e.row for e in batch]].to(device)
+        return metrics.mse_nrm(pred, target).sum(), len(batch)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, examples: list[Example], vectors: torch.Tensor,
+                 device: torch.device) -> dict[str, float]:
+        preds = [self.predict(model, examples[s : s + self.cfg.batch_size], device).float().cpu()
+                 for s in range(0, len(examples), self.cfg.batch_size)]
+        pred = torch.cat(preds)
+        target = vectors[[e.row for e in examples]]
+        out = metrics.summarize(pred, target, self.mean)
+        return {k: float(v) for k, v in out.items() if k != "n"}
+
+
+def with_tags(dataset: Any, split: str) -> list[dict[str, Any]]:
+    """The split's rows plus the optional ``tag`` column of universal datasets (None elsewhere)."""
+    rows = dataset.rows(split)
+    # A missing column reads as nulls, so ordinary datasets are unaffected.
+    tags = dataset.table(["tag"], split=split).column("tag").to_pylist()
+    for row, tag in zip(rows, tags, strict=True):
+        row["tag"] = tag
+    return rows
+
+
+def labelled(rows: list[dict[str, Any]], vectors: torch.Tensor) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    keep = [i for i, r in enumerate(rows) if r.get("explanation")]
+    return [rows[i] for i in keep], vectors[keep] if keep else vectors[:0]
+
+
+# ---------------------------------------------------------------- the run
+def _check_run_dir(cfg: SFTConfig, targets: list[str]) -> None:
+    out = Path(cfg.out)
+    saved = out / CONFIG_FILE
+    if saved.exists():
+        if not cfg.resume:
+            raise NLAError(f"{out}: a training run is already there; pass --resume to continue it or choose another --out")
+        old = read_yaml(saved)
+        new = config_to_dict(cfg)
+        for key in sorted(set(old) | set(new)):
+            if key in RESUME_FREE or key == "targets":
+                continue
+            if old.get(key) != new.get(key):
+                raise NLAError(f"{out}: the run was started with {key}={old.get(key)!r}, this resume asks for "
+                               f"{new.get(key)!r}; resume with the same settings or use another --out")
+        if old.get("targets") not in (None, targets):
+            raise NLAError(f"{out}: the run trains {old.get('targets')}, this command trains {targets}")
+    elif out.exists() and any(p.name != ".bundle.tmp" for p in out.iterdir()) and not cfg.resume:
+        raise NLAError(f"{out}: folder exists and is not an nla training run; choose another --out")
+
+
+def make_accelerator(cfg: SFTConfig) -> Any:
+    from accelerate import Accelerator
+
+    if cfg.precision not in ("fp32", "bf16"):
+        raise NLAError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
+    return Accelerator(cpu=cfg.device == "cpu", mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+
+
+def lora_settings(cfg: SFTConfig) -> Any:
+    from nla.bundle import LoraSettings
+
+    return LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                        target_modules=list(cfg.lora_target_modules) or "all-linear", use_rslora=cfg.use_rslora)
+
+
+def start_bundle(cfg: SFTConfig, device: torch.device) -> Any:
+    from nla.bundle import NLA
+
+    if cfg.init:
+        nla = NLA.from_pretrained(cfg.init, device=str(device), is_trainable=True)
+        if cfg.lora and nla.meta.av_format != "peft":
+            nla.add_lora(lora_settings(cfg))
+        return nla
+    torch.manual_seed(cfg.seed)  # LoRA B is zero, A random: seeded so runs are repeatable
+    return NLA.initialize(cfg.model, dataset=cfg.data, lora=lora_settings(cfg) if cfg.lora else None,
+                          device=str(device))
+
+
+def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
+    """Train the AV and/or the AR; returns the trained :class:`~nla.bundle.NLA` (also saved in ``--out``)."""
+    from nla.bundle import NLA
+    from nla.data.store import ActivationDataset
+
+    targets = list(targets or TARGETS)
+    for t in targets:
+        if t not in TARGETS:
+            raise NLAError(f"unknown training target {t!r} (choose from {', '.join(TARGETS)})")
+    if not cfg.data:
+        raise NLAError("train: --data is required")
+    if not cfg.out:
+        raise NLAError("train: --out is required")
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise NLAError("train: --batch-size and --grad-accum must be ≥ 1")
+    dataset = ActivationDataset.open(cfg.data)
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    run = Path(cfg.out)
+    if accelerator.is_main_process:
+        _check_run_dir(cfg, targets)
+        run.mkdir(parents=True, exist_ok=True)
+        data = config_to_dict(cfg)
+        data["targets"] = targets
+        from nla.meta import write_yaml
+
+        write_yaml(run / CONFIG_FILE, data)
+    accelerator.wait_for_everyone()
+    logger = loop.MetricsLogger(run, tensorboard=cfg.tensorboard, wandb=cfg.wandb, wandb_project=cfg.wandb_project,
+                                enabled=accelerator.is_main_process)
+    nla: Any = None
+    done_ck: Path | None = None
+    budget = [cfg.stop_after_steps]  # shared across phases: steps left in this invocation
+    try:
+        for target in targets:
+            ck = loop.latest_checkpoint(run, target) if cfg.resume else None
+            if ck is not None and loop.load_trainer_state(ck).done:
+                nla, done_ck = None, ck
+                continue
+            if ck is not None:
+                nla = NLA.from_pretrained(ck, device=str(device), is_trainable=True)
+            elif nla is None:
+                nla = NLA.from_pretrained(done_ck, device=str(device), is_trainable=True) if done_ck else \
+                    start_bundle(cfg, device)
+            finished = _train_phase(cfg, target, nla, dataset, accelerator, logger, ck, budget)
+            if not finished:
+                if accelerator.is_main_process:
+                    print(f"{run}: stopped after --stop-after-steps; re-run with --resume to continue")
+                return nla
+        if nla is None:  # every phase was already done: the last checkpoint is the result
+            assert done_ck is not None
+            nla = NLA.from_pretrained(done_ck, device=str(device))
+        if accelerator.is_main_process:
+            loop.publish_bundle(nla, run)
+            loop.plot_metrics(run / loop.METRICS_FILE, run / loop.PLOT_FILE)
+            print(f"{run}: bundle with trained {' and '.join(t.upper() for t in targets)} saved; "
+                  f"curves in {run / loop.PLOT_FILE}")
+        accelerator.wait_for_everyone()
+    finally:
+        logger.close()
+    return nla
+
+
+def _train_phase(cfg: SFTConfig, target: str, nla: Any, dataset: Any, accelerator: Any, logger: loop.MetricsLogger,
+                 resume_from: Path | None, budget: list[int | None]) -> bool:
+    """Train one model to the end of its plan (True) or until the step budget runs out (False)."""
+    device = accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
+    task: Task
+    if target == "av":
+        task = AVTask(nla, cfg)
+        lr = cfg.lr
+        max_steps = cfg.max_steps
+    else:
+        task = ARTask(nla, cfg, dataset.mean_vector().float())
+        lr = cfg.ar_lr if cfg.ar_lr is not None else cfg.lr
+        max_steps = cfg.ar_max_steps if cfg.ar_max_steps is not None else cfg.max_steps
+
+    rows, vectors = labelled(with_tags(dataset, task.split), dataset.vectors(task.split))
+    if not rows:
+        raise NLAError(f"{cfg.data}: no labelled rows in split {task.split!r}; run `nla label --data {cfg.data}` first")
+    eval_rows, eval_vectors = labelled(with_tags(dataset, "eval"), dataset.vectors("eval"))
+    eval_rows, eval_vectors = eval_rows[: cfg.eval_rows], eval_vectors[: cfg.eval_rows]
+    examples = task.examples(rows)
+    eval_examples = task.examples(eval_rows)
+    lengths = [len(e.ids) for e in examples]
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    plan = plan_steps(lengths, global_batch, cfg.seed, cfg.epochs, max_steps, cfg.group_by_length)
+    total = len(plan)
+    pad = padding_fraction(plan, lengths, cfg.batch_size)
+    pad_random = padding_fraction(plan_steps(lengths, global_batch, cfg.seed, cfg.epochs, max_steps, False),
+                                  lengths, cfg.batch_size)
+
+    module = task.module()
+    if cfg.gradient_checkpointing:
+        inner: Any = module.trunk if target == "ar" else module
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+        # Non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads.
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise NLAError(f"the {target.upper()} has no trainable parameters")
+    if target == "ar":
+        head = list(nla.ar.value_head.parameters())
+        head_ids = {id(p) for p in head}
+        groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr},
+                  {"params": head, "lr": cfg.head_lr if cfg.head_lr is not None else lr}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = loop.cosine_with_warmup(optimizer, round(cfg.warmup_ratio * total), total, cfg.min_lr_ratio)
+    state = loop.TrainerState(phase=target, step=0, total_steps=total)
+    if resume_from is not None:
+        state = loop.restore_checkpoint(resume_from, optimizer, scheduler)
+        if state.total_steps != total:
+            raise NLAError(f"{resume_from}: the checkpoint's plan has {state.total_steps} steps, this run {total}; "
+                           "resume with the same data and batch settings")
+        logger.truncate_after(state.step, target)
+        logger.truncate_after(state.step, f"{target}_eval")
+    # The scheduler must not be prepared: accelerate would step it once per process.
+    model, optimizer = accelerator.prepare(module, optimizer)
+
+    def run_eval() -> dict[str, float]:
+        model.eval()
+        result = task.evaluate(model, eval_examples, eval_vectors, device) if eval_examples else {}
+        model.train()
+        return result
+
+    bar = loop.Progress(total, state.step, desc=f"train {target}", enabled=cfg.progress and main)
+    injector = task.injector if isinstance(task, AVTask) else None
+    if injector is not None:
+        injector.__enter__()
+    try:
+        if state.step == 0:
+            if main:
+                print(f"train {target}: {len(rows)} rows, {total} steps of {global_batch} rows "
+                      f"({world} process{'es' if world > 1 else ''}); padding {pad:.1%} "
+                      f"(ungrouped: {pad_random:.1%})")
+            start_eval = run_eval()
+            if target == "ar" and eval_examples:
+                # The mean-direction baseline the AR has to beat (DESIGN.md §6).
+                mean = task.mean if isinstance(task, ARTask) else None
+                assert mean is not None
+                const = mean.unsqueeze(0).expand(len(eval_vectors), -1)
+                start_eval["baseline_fve_nrm"] = metrics.fve_nrm(const, eval_vectors, mean)
+            logger.log(0, {**start_eval, "padding_fraction": pad, "padding_fraction_ungrouped": pad_random},
+                       phase=f"{target}_eval")
+
+        while state.step < total:
+            if budget[0] is not None and budget[0] <= 0:
+                return False
+            started = time.perf_counter()
+            step_rows = plan[state.step]
+            mbs = micro_batches(step_rows, lengths, cfg.batch_size, cfg.grad_accum, world, rank)
+            # Loss units (AV: answer tokens, AR: rows) in the whole global batch: every process
+            # knows the plan, so it can normalise by the global count without communicating.
+            if target == "av":
+                global_units = sum(_answer_tokens(examples[i]) for i in step_rows)
+            else:
+                global_units = len(step_rows)
+            loss_total = torch.zeros((), device=device)
+            tokens = 0
+            for a, mb in enumerate(mbs):
+                batch = [examples[i] for i in mb]
+                tokens += sum(len(e.ids) for e in batch)
+                sync = a == len(mbs) - 1
+                ctx = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
+                with ctx:
+                    loss_sum, _ = task.loss_sum(model, batch, vectors, device)
+                    accelerator.backward(loss_sum * (world / global_units))
+                loss_total += loss_sum.detach().float()
+            loss_global = float(accelerator.reduce(loss_total, reduction="sum")) / global_units
+            stepped, grad_norm = loop.guarded_step(optimizer, params, cfg.max_grad_norm or None)
+            scheduler.step()
+            state.step += 1
+            if not stepped:
+                state.skipped_steps += 1
+                if main:
+                    print(f"train {target}: step {state.step}: NaN/inf gradient, step skipped")
+            if budget[0] is not None:
+                budget[0] -= 1
+            tokens_global = int(accelerator.reduce(torch.tensor(tokens, device=device), reduction="sum"))
+            elapsed = time.perf_counter() - started
+            bar.update(tokens_global, loss=loss_global)
+            if state.step % max(cfg.log_every, 1) == 0 or state.step == total or not stepped:
+                logger.log(state.step, {"loss": loss_global, "lr": scheduler.get_last_lr()[0],
+                                        "grad_norm": grad_norm, "skipped": not stepped,
+                                        "tokens": tokens_global, "step_s": elapsed,
+                                        "tokens_per_s": tokens_global / max(elapsed, 1e-9)}, phase=target)
+            last = state.step == total
+            if last or (cfg.eval_every and state.step % cfg.eval_every == 0):
+                logger.log(state.step, run_eval(), phase=f"{target}_eval")
+            if last or (cfg.save_every and state.step % cfg.save_every == 0):
+                state.done = last
+                if last:
+                    nla.meta.training[target] = {
+                        "steps": total, "rows": len(rows), "global_batch": global_batch, "lr": lr,
+                        "lora": cfg.lora, "skipped_steps": state.skipped_steps, "seed": cfg.seed,
+                    }
+                if main:
+                    loop.save_checkpoint(cfg.out, nla, state, optimizer, scheduler, keep=cfg.keep_checkpoints)
+                accelerator.wait_for_everyone()
+    finally:
+        if injector is not None:
+            injector.__exit__(None, None, None)
+        bar.close()
+    module.eval()
+    return True
+
+
+def _answer_tokens(e: Example) -> int:
+    """Tokens that carry loss: the answer, minus the first (predicted from the prompt's last)."""
+    return len(e.ids) - e.n_prompt
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# ---------------------------------------------------------------- CLI
+def _command(target: str | None) -> Callable[[Any], Any]:
+    from nla.config import resolve_config
+
+    def run(args: Any) -> int:
+        cfg = resolve_config(SFTConfig, args, section="train")
+        train_sft(cfg, [target] if target else list(TARGETS))
+        return 0
+
+    return run
+
+
+def register_train(sub: Any) -> None:
+    """Add ``av``, ``ar`` and ``sft`` under ``nla train``."""
+    from nla.config import add_config_args
+
+    helps = {
+        "av": "SFT of the activation verbalizer: vector → teacher explanation (split av_sft)",
+        "ar": "SFT of the activation reconstructor: explanation → vector, mse_nrm loss (split ar_sft)",
+        "sft": "both: the AV, then the AR, into one bundle",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text, description=text + ". Layer K is the dataset's: the output of decoder "
+                           "block K (0-based) = hidden_states[K+1].")
+        add_config_args(p, SFTConfig)
+        p.set_defaults(func=_command(None if name == "sft" else name))
