@@ -74,6 +74,8 @@ class ServeConfig:
     max_new_tokens: int = opt(128, help="largest max_new_tokens a request may ask for")
     default_new_tokens: int = opt(48, help="max_new_tokens when a request does not say")
     timeout_s: float = opt(120.0, help="seconds a request may take before a 504")
+    torch_threads: int = opt(0, help="torch intra-op threads for the model (0: torch's default, one per core; "
+                                     "1 is often faster on a CPU shared with other work)")
     device: str = opt("", help="device to load the bundle on (default: cuda if available, else cpu)")
     dtype: str = opt("float32", help="dtype to load the bundle in")
 
@@ -269,7 +271,7 @@ class NLAService:
         self.nla = nla
         self.config = config
         self.d_model = int(nla.meta.d_model)
-        self.thread = ModelThread()
+        self.thread = ModelThread(config.torch_threads)
         self.verbalizer: MicroBatcher[tuple[torch.Tensor, GenKey], list[list[Any]]] = MicroBatcher(
             run=self._run_verbalize, thread=self.thread,
             rows=lambda item: len(item[0]) * item[1].n, key=lambda item: item[1],
