@@ -4,6 +4,7 @@ resume from the generation cache, unlabelled data, `nla eval compare`, and bad i
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,9 @@ def test_baselines_mean_direction_and_shuffled(report: Path) -> None:
     assert m["baselines"]["shuffled_activations"]["fve_nrm"] <= 0.05
 
 
-def test_resume_reuses_generations(labelled: tuple[Path, Path], report: Path) -> None:
+def test_resume_reuses_generations(labelled: tuple[Path, Path], report: Path, tmp_path: Path) -> None:
     data, bundle = labelled
+    report = Path(shutil.copytree(report, tmp_path / "copy"))  # the shared report stays as it was
     before = {p.name: p.read_text() for p in (report / "cache").iterdir()}
     first = json.loads((report / "metrics.json").read_text())
     assert main(["eval", "--nla", str(bundle), "--data", str(data), "--out", str(report), "--device", "cpu",
@@ -169,9 +171,14 @@ def test_unlabelled_dataset_still_evaluates_round_trip(tiny_dataset: Path, label
     _, bundle = labelled  # same tiny:llama base and layer as the shared unlabelled dataset
     out = tmp_path / "r"
     assert main(["eval", "--nla", str(bundle), "--data", str(tiny_dataset), "--out", str(out), "--device", "cpu",
-                 "--max-new-tokens", "4", "--best-of", "0", "--bootstrap", "0", "--no-progress"]) == 0
+                 "--max-new-tokens", "4", "--best-of", "0", "--bootstrap", "0", "--no-progress",
+                 "--teacher", "lens"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["ar_alone"]["available"] is False and "nla label" in m["ar_alone"]["note"]
+    # lens only labels: the teacher-dependent extras say so instead of failing or pretending.
+    assert m["probes"]["paraphrase_teacher"]["available"] is False
+    assert "free-form" in m["probes"]["paraphrase_teacher"]["note"]
+    assert m["quality"]["av"]["judge"]["available"] is False
     assert m["baselines"]["bow_ridge"]["available"] is False
     assert m["round_trip"]["n"] == m["dataset"]["rows_evaluated"] > 1
     assert any("AR-alone block skipped" in n for n in m["notes"])

@@ -215,7 +215,7 @@ th,td{border:1px solid #ddd;padding:4px 8px;text-align:right;vertical-align:top}
 th{background:#f4f4f4;cursor:default}td.l,th.l{text-align:left}
 #samples th{cursor:pointer}#samples td{max-width:420px;white-space:pre-wrap;word-break:break-word}
 mark{background:#ffd54f;padding:0 1px}.ctx{color:#555}.neg{color:#b00020}.pos{color:#1b5e20}
-.notes li{color:#8a4b00}.plots img{max-width:640px;margin:4px;border:1px solid #eee}
+.notes li{color:#8a4b00}.plots{display:flex;flex-wrap:wrap}.plots img{max-width:640px;width:48%;margin:4px;border:1px solid #eee}
 .muted{color:#888}small{color:#666}
 """
 
