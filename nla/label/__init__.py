@@ -1,0 +1,23 @@
+"""Teacher labeling (`nla label`): providers, the prompt and its parser, the cache, the runner."""
+
+from nla.label.prompt import (
+    PROMPT_VERSION,
+    build_messages,
+    format_explanation,
+    normalize_answer,
+    parse_analysis,
+    parse_explanation,
+)
+from nla.label.providers import LabelRequest, Teacher, make_teacher
+
+__all__ = [
+    "PROMPT_VERSION",
+    "LabelRequest",
+    "Teacher",
+    "build_messages",
+    "format_explanation",
+    "make_teacher",
+    "normalize_answer",
+    "parse_analysis",
+    "parse_explanation",
+]
