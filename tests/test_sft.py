@@ -44,7 +44,7 @@ def label_with_context(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sft") / "data"
-    make_dataset(out, docs=60, split="av_sft=0.35,ar_sft=0.35,rl=0.05,eval=0.25")
+    make_dataset(out, docs=48, split="av_sft=0.35,ar_sft=0.35,rl=0.05,eval=0.25")
     return label_with_context(out)
 
 
@@ -124,18 +124,18 @@ def test_value_head_fp32_under_bf16_full_finetune(labelled: Path, tmp_path: Path
 # ---------------------------------------------------------------- resume
 def test_stopped_and_resumed_run_matches_uninterrupted(labelled: Path, tmp_path: Path) -> None:
     full, part = tmp_path / "full", tmp_path / "part"
-    train_sft(cfg_for(labelled, full, max_steps=6, save_every=2))
-    train_sft(cfg_for(labelled, part, max_steps=6, save_every=2, stop_after_steps=9))
+    train_sft(cfg_for(labelled, full, max_steps=4, save_every=2))
+    train_sft(cfg_for(labelled, part, max_steps=4, save_every=2, stop_after_steps=7))
     ck = latest_checkpoint(part, "ar")
     assert ck is not None and ck.name == "ar-0000002"
     with pytest.raises(NLAError, match="--resume"):
-        train_sft(cfg_for(labelled, part, max_steps=6, save_every=2))
+        train_sft(cfg_for(labelled, part, max_steps=4, save_every=2))
     with pytest.raises(NLAError, match="max_steps"):
-        train_sft(cfg_for(labelled, part, max_steps=7, save_every=2, resume=True))
-    train_sft(cfg_for(labelled, part, max_steps=6, save_every=2, resume=True))
+        train_sft(cfg_for(labelled, part, max_steps=5, save_every=2, resume=True))
+    train_sft(cfg_for(labelled, part, max_steps=4, save_every=2, resume=True))
     for phase in ("av", "ar"):
         a, b = curve(full, phase), curve(part, phase)
-        assert len(a) == len(b) == 6
+        assert len(a) == len(b) == 4
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
 
 
@@ -146,7 +146,7 @@ def _cli(*args: str) -> list[str]:
 def test_sigkill_then_resume_gives_the_same_curve(labelled: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     common = ["ar", "--data", str(labelled), "--device", "cpu", "--no-progress", "--batch-size", "8",
-              "--max-steps", "8", "--save-every", "2", "--eval-every", "0", "--lr", "1e-3"]
+              "--max-steps", "6", "--save-every", "2", "--eval-every", "0", "--lr", "1e-3"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cli(*common, "--out", str(killed)), env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -158,13 +158,13 @@ def test_sigkill_then_resume_gives_the_same_curve(labelled: Path, tmp_path: Path
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(curve(killed, "ar")) < 8
+    assert len(curve(killed, "ar")) < 6
     subprocess.run(_cli(*common, "--out", str(killed), "--resume"), env=env, cwd=REPO, check=True,
                    capture_output=True)
     clean = tmp_path / "clean"
     subprocess.run(_cli(*common, "--out", str(clean)), env=env, cwd=REPO, check=True, capture_output=True)
     a, b = curve(clean, "ar"), curve(killed, "ar")
-    assert [r["step"] for r in read_metrics(killed / "metrics.jsonl") if r["phase"] == "ar"] == list(range(1, 9))
+    assert [r["step"] for r in read_metrics(killed / "metrics.jsonl") if r["phase"] == "ar"] == list(range(1, 7))
     assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
 
 
