@@ -42,7 +42,7 @@ case "$cmd" in
     "$venv/bin/ruff" check nla tests benchmarks
     "$venv/bin/mypy"
     if [ -z "${NLA_SKIP_BROWSER:-}" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-      (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || echo "note: chromium not installed; browser tests will skip"
+      (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || echo "warning: could not install chromium; the browser tests will fail"
     fi
     set +e
     "$vpy" -m pytest -q "$@"
