@@ -62,7 +62,8 @@ def parse_split(spec: str) -> dict[str, float]:
     total = sum(fractions.values())
     if total <= 0 or any(v < 0 for v in fractions.values()):
         raise NLAError("--split: fractions must be non-negative and not all zero")
-    return {k: fractions.get(k, 0.0) / total for k in SPLITS}
+    # Rounded so the sidecar reads 0.4, not 0.4000000000000001.
+    return {k: round(fractions.get(k, 0.0) / total, 12) for k in SPLITS}
 
 
 def doc_seed(seed: int, doc_id: str, salt: str) -> int:

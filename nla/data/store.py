@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -59,16 +60,23 @@ def vectors_to_arrow(vectors: np.ndarray | torch.Tensor) -> pa.FixedSizeListArra
 def arrow_to_vectors(column: pa.ChunkedArray | pa.Array, d_model: int | None = None) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks else pa.array([], type=column.type)
+    if column.null_count:
+        # flatten() skips null slots, which would shift every later vector by one row.
+        raise NLAError(f"activation_vector has {column.null_count} null rows")
+    if len(column) == 0:
+        width = column.type.list_size if pa.types.is_fixed_size_list(column.type) else (d_model or 0)
+        return np.zeros((0, width), dtype=np.float32)
     if pa.types.is_fixed_size_list(column.type):
         width = column.type.list_size
-        values = column.flatten().to_numpy(zero_copy_only=False)
-        out = np.asarray(values, dtype=np.float32).reshape(-1, width)
     else:
         # The variable-length layout some tools write: accept it on read, never write it.
-        out = np.asarray(column.to_pylist(), dtype=np.float32)
-        if out.ndim != 2:
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        if (lengths != lengths[0]).any():
             raise NLAError("activation_vector rows have different lengths")
-    if d_model is not None and out.shape[0] and out.shape[1] != d_model:
+        width = int(lengths[0])
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    out = np.asarray(values, dtype=np.float32).reshape(-1, width)
+    if d_model is not None and out.shape[1] != d_model:
         raise NLAError(f"activation_vector has width {out.shape[1]}, sidecar says d_model={d_model}")
     return out
 
@@ -100,7 +108,11 @@ def nice_ceil(x: float) -> float:
     if x <= 0 or not math.isfinite(x):
         return 1.0
     step = 10 ** (math.floor(math.log10(x)) - 1)
-    return float(round(math.floor(x / step + 1) * step, 10))
+    k = math.floor(x / step)
+    # x / step is inexact (1.9 / 0.1 = 18.999...): step up until the result is strictly above x.
+    while float(f"{k * step:.2g}") <= x:
+        k += 1
+    return float(f"{k * step:.2g}")
 
 
 def sidecar_for_file(path: Path) -> Path:
@@ -142,6 +154,13 @@ class ActivationDataset:
         if VECTOR_COLUMN not in schema.names:
             raise NLAError(f"{path}: no {VECTOR_COLUMN!r} column (columns: {', '.join(schema.names)})")
         data = read_yaml(meta_path) if meta_path.exists() else {}
+        # The published sidecar nests the model facts under `extraction:` (base_model, d_model,
+        # layer_index, corpus); lift them, or the layer would read as unknown (-1).
+        nested = data.get("extraction")
+        if isinstance(nested, dict):
+            for key in ("base_model", "d_model", "layer_index", "corpus"):
+                if key in nested and key not in data:
+                    data[key] = nested[key]
         if "d_model" not in data:
             vtype = schema.field(VECTOR_COLUMN).type
             if pa.types.is_fixed_size_list(vtype):
@@ -171,13 +190,22 @@ class ActivationDataset:
 
     # ---------------------------------------------------------------- reading
     def read_shard(self, shard: Path, columns: list[str] | None = None) -> pa.Table:
-        table = pq.read_table(shard, columns=columns)
+        if columns is not None:
+            # Published files may lack some of our columns; read what is there, fill the rest.
+            present = set(pq.read_schema(shard).names)
+            table = pq.read_table(shard, columns=[c for c in columns if c in present])
+            return self._fill_missing(table, columns).select(columns)
+        table = pq.read_table(shard)
         return self._fill_missing(table, columns)
 
     def _fill_missing(self, table: pa.Table, columns: list[str] | None) -> pa.Table:
         # Published single files may lack our bookkeeping columns; give them defaults.
         wanted = columns or [f.name for f in dataset_schema(self.d_model)]
         n = table.num_rows
+        if "doc_id" in table.column_names and not pa.types.is_string(table.schema.field("doc_id").type):
+            # Published files may carry integer ids; splits and joins key on strings.
+            i = table.column_names.index("doc_id")
+            table = table.set_column(i, "doc_id", table.column("doc_id").cast(pa.string()))
         for name in wanted:
             if name in table.column_names:
                 continue
@@ -205,7 +233,7 @@ class ActivationDataset:
         table = pa.concat_tables(tables)
         if split is not None:
             wanted = [split] if isinstance(split, str) else list(split)
-            mask = pa.compute.is_in(table.column("split"), value_set=pa.array(wanted))
+            mask = pc.is_in(table.column("split"), value_set=pa.array(wanted))
             table = table.filter(mask)
             if columns is not None and "split" not in columns:
                 table = table.drop(["split"])
@@ -228,7 +256,10 @@ class ActivationDataset:
             file = self.meta_path.parent / self.meta.mean_vector
             if file.exists():
                 return load_file(str(file))["mean"].float()
-        return normalized_mean(self.vectors(TRAINING_SPLITS))
+        train = self.vectors(TRAINING_SPLITS)
+        # A published file without a split column is all held-out rows: the mean of nothing
+        # would be NaN, so fall back to every row, as finalize_stats does.
+        return normalized_mean(train if len(train) else self.vectors())
 
     # ---------------------------------------------------------------- writing
     def replace_shard(self, shard: Path, table: pa.Table) -> None:

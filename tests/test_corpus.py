@@ -1,0 +1,133 @@
+"""nla.data.corpus: every source kind, stable ids, and one-line errors that name the file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nla.data.corpus import builtin_documents, load_corpus
+from nla.errors import NLAError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_builtin_corpus() -> None:
+    docs = builtin_documents()
+    assert len(docs) > 200
+    assert len({d.doc_id for d in docs}) == len(docs)
+    assert all(d.doc_id.startswith("pydoc:") and d.text.strip() for d in docs)
+    assert docs == builtin_documents(), "ids and order must not depend on the run"
+    assert load_corpus("builtin", max_docs=5) == docs[:5]
+    # Chunks are of similar size: long topics are cut, none is a giant.
+    assert max(len(d.text) for d in docs) < 20_000
+
+
+def test_text_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("First document\nstill first.\n\n\n  \nSecond one.\n\nThird — ünïcode.\n", encoding="utf-8")
+    docs = load_corpus(str(path))
+    assert [d.text for d in docs] == ["First document\nstill first.", "Second one.", "Third — ünïcode."]
+    assert [d.doc_id for d in docs] == ["notes.txt:0", "notes.txt:1", "notes.txt:2"]
+
+
+def test_folder(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("alpha\n\nstill alpha")
+    (tmp_path / "sub" / "b.md").write_text("# beta")
+    (tmp_path / "empty.txt").write_text("   \n")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\x00\x00")  # not a text suffix: ignored
+    docs = load_corpus(str(tmp_path))
+    assert [(d.doc_id, d.text) for d in docs] == [("a.txt", "alpha\n\nstill alpha"), ("sub/b.md", "# beta")]
+
+
+def test_jsonl(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    rows = [{"id": "x1", "text": "one"}, {"id": "x2", "text": "  "}, {"text": "three", "other": 1}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    docs = load_corpus(str(path))
+    assert [(d.doc_id, d.text) for d in docs] == [("x1", "one"), ("c.jsonl:2", "three")]
+    path2 = tmp_path / "d.jsonl"
+    path2.write_text(json.dumps({"body": "hello", "key": 7}) + "\n")
+    docs = load_corpus(str(path2), text_column="body", id_column="key")
+    assert [(d.doc_id, d.text) for d in docs] == [("7", "hello")]
+
+
+def test_parquet(tmp_path: Path) -> None:
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3], "content": ["a b", "c d", "e f"], "n": [1, 2, 3]}), path)
+    docs = load_corpus(str(path), text_column="content", max_docs=2)
+    assert [(d.doc_id, d.text) for d in docs] == [("1", "a b"), ("2", "c d")]
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
+    """name → (corpus path, expected message fragment)."""
+    cases: dict[str, tuple[Path, str]] = {}
+
+    def put(name: str, content: bytes, expect: str) -> None:
+        path = tmp / name
+        path.write_bytes(content)
+        cases[name] = (path, expect)
+
+    cases["missing.txt"] = (tmp / "missing.txt", "not found")
+    put("empty.txt", b"", "empty")
+    put("blank.txt", b" \n\n \n", "empty")
+    put("empty.jsonl", b"\n", "empty")
+    put("binary.txt", b"\x7fELF\x02\x01\x01\x00\x00\x00garbage", "binary")
+    put("latin1.txt", "café au lait".encode("latin-1"), "not valid UTF-8")
+    put("bad.jsonl", b'{"text": "ok"}\n{"text": broken\n', "line 2 is not valid JSON")
+    put("list.jsonl", b'["text"]\n', "line 1 is not a JSON object")
+    put("wrongcol.jsonl", b'{"body": "x"}\n', "no column 'text'")
+    put("number.jsonl", b'{"text": 5}\n', "non-text 'text'")
+    put("garbage.parquet", b"PAR1\x00\x00garbage\xff\xfe", "not a readable Parquet")
+    wrong = tmp / "wrongcol.parquet"
+    pq.write_table(pa.table({"body": ["x"]}), wrong)
+    cases["wrongcol.parquet"] = (wrong, "no column 'text'")
+    empty_pq = tmp / "empty.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty_pq)
+    cases["empty.parquet"] = (empty_pq, "empty")
+    dup = tmp / "dup.jsonl"
+    dup.write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
+    cases["dup.jsonl"] = (dup, "appears twice")
+    (tmp / "nofiles").mkdir()
+    (tmp / "nofiles" / "data.bin").write_bytes(b"\x00")
+    cases["nofiles"] = (tmp / "nofiles", "has no")
+    return cases
+
+
+def test_bad_input_errors_name_the_file(tmp_path: Path) -> None:
+    for name, (path, expect) in _bad_inputs(tmp_path).items():
+        with pytest.raises(NLAError) as err:
+            load_corpus(str(path))
+        message = str(err.value)
+        assert name in message, (name, message)
+        assert expect in message, (name, message)
+        assert "\n" not in message, (name, message)
+
+
+@pytest.mark.parametrize("name", ["binary.txt", "bad.jsonl"])
+def test_bad_input_via_cli_is_one_line(tmp_path: Path, name: str) -> None:
+    path, expect = _bad_inputs(tmp_path)[name]
+    res = subprocess.run(
+        [sys.executable, "-m", "nla.cli", "extract", "--model", "tiny:llama", "--corpus", str(path),
+         "--out", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("nla extract: error: ") and name in lines[0] and expect in lines[0]
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    assert not (tmp_path / "out").exists(), "a failed run must not leave an output folder"
+
+
+def test_unknown_source_kind(tmp_path: Path) -> None:
+    with pytest.raises(NLAError, match="corpus not found"):
+        load_corpus(str(tmp_path / "nothing-here"))
