@@ -423,7 +423,9 @@ def compare_table(a: dict[str, Any], b: dict[str, Any], name_a: str = "A", name_
         if va is None and vb is None:
             continue
         delta = "—"
-        if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and not isinstance(va, bool):
+        if isinstance(va, int) and isinstance(vb, int) and not isinstance(va, bool):
+            delta = f"{vb - va:+d}"
+        elif isinstance(va, (int, float)) and isinstance(vb, (int, float)) and not isinstance(va, bool):
             delta = f"{vb - va:+.3f}"
         rows.append((label, fmt(va), fmt(vb), delta))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

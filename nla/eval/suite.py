@@ -186,6 +186,20 @@ def generate_cached(
     return [done[k] for k in keys]
 
 
+def reconstruct(nla: Any, texts: list[str], cfg: EvalConfig, desc: str) -> torch.Tensor:
+    """``nla.reconstruct`` with a progress bar: texts sorted by length once (least padding),
+    passed on in slices of a few batches, put back in order."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.zeros((len(texts), nla.meta.d_model))
+    step = 4 * cfg.batch_size
+    with tqdm(total=len(texts), desc=desc, unit="text", disable=not cfg.progress) as bar:
+        for start in range(0, len(order), step):
+            idx = order[start : start + step]
+            out[idx] = nla.reconstruct([texts[i] for i in idx], batch_size=cfg.batch_size).float()
+            bar.update(len(idx))
+    return out
+
+
 def answer_text(answer: dict[str, Any]) -> str:
     """What the AR reads: the parsed explanation, else the raw text (as ``NLA.round_trip``)."""
     return answer["explanation"] if answer["explanation"] is not None else answer["raw"]
@@ -353,7 +367,7 @@ def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Pat
     ar_row_fve: dict[int, float] = {}
     if labelled:
         ix = torch.tensor(labelled)
-        ar_pred = nla.reconstruct([rows[i]["explanation"] for i in labelled], batch_size=cfg.batch_size)
+        ar_pred = reconstruct(nla, [rows[i]["explanation"] for i in labelled], cfg, "ar-alone")
         ar_alone = {"available": True, "note": None, **metric_block(ar_pred, target[ix], mean, cfg)}
         if len(labelled) < n:
             ar_alone["note"] = f"{n - len(labelled)} of {n} rows have no teacher label and are left out"
@@ -370,7 +384,7 @@ def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Pat
                                              fingerprint=fingerprint, desc="av-greedy")]
     texts = [answer_text(a) for a in answers]
     t = lap("generate", t)
-    rt_pred = nla.reconstruct(texts, batch_size=cfg.batch_size)
+    rt_pred = reconstruct(nla, texts, cfg, "ar-round-trip")
     round_trip: dict[str, Any] = metric_block(rt_pred, target, mean, cfg)
     round_trip["n_candidates"] = min(cfg.n_candidates, n)
     b_all = metrics.baseline_variance(target, mean)
@@ -387,7 +401,7 @@ def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Pat
         samples_k = generate_cached(nla, target, keys, n=k, sample=True, cfg=cfg, cache_dir=cache_dir,
                                     fingerprint=fingerprint, desc=f"av-sample{k}")
         flat = [answer_text(a) for per in samples_k for a in per]
-        pred_k = nla.reconstruct(flat, batch_size=cfg.batch_size)
+        pred_k = reconstruct(nla, flat, cfg, "ar-best-of-k")
         target_k = target.repeat_interleave(k, dim=0)
         mse_k = metrics.mse_nrm(pred_k, target_k).view(n, k)
         best = mse_k.argmin(dim=1)
@@ -553,7 +567,7 @@ def run_probes(nla: Any, texts: list[str], target: torch.Tensor, mean: torch.Ten
             dropped = probes.drop_claim(t, j)
             if dropped is not None:
                 drops.append((i, j, dropped))
-    pred = nla.reconstruct(para + shuf + [d[2] for d in drops], batch_size=cfg.batch_size)
+    pred = reconstruct(nla, para + shuf + [d[2] for d in drops], cfg, "ar-probes")
     pred_para, pred_shuf, pred_drop = pred[:n], pred[n : 2 * n], pred[2 * n :]
     fve_para = metrics.per_row_fve(pred_para, target, mean, b_all)
     fve_shuf = metrics.per_row_fve(pred_shuf, target, mean, b_all)
@@ -604,7 +618,7 @@ def run_probes(nla: Any, texts: list[str], target: torch.Tensor, mean: torch.Ten
         entry: dict[str, Any] = {"available": True, "note": None, "answered": len(ok), "n": n}
         if ok:
             ix = torch.tensor(ok)
-            pred_t = nla.reconstruct([rewritten[i] or "" for i in ok], batch_size=cfg.batch_size)
+            pred_t = reconstruct(nla, [rewritten[i] or "" for i in ok], cfg, "ar-teacher-paraphrase")
             per = metrics.per_row_fve(pred_t, target[ix], mean, b_all)
             entry["fve_nrm"] = float(per.mean())
             entry["delta_fve_nrm"] = float((per - base_fve[ix]).mean())
