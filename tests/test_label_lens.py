@@ -65,7 +65,7 @@ def test_hf_teacher_plumbing_counts_failures(tiny_dataset: Path, tmp_path: Path)
     # A random tiny model writes garbage: every row must end counted as failed, and cached,
     # so a re-run generates nothing.
     data = copy(tiny_dataset, tmp_path / "data")
-    cfg = LabelConfig(data=str(data), teacher="hf:tiny:llama", limit=6, max_tokens=8, max_retries=1,
+    cfg = LabelConfig(data=str(data), teacher="hf:tiny:llama", limit=6, max_tokens=8, max_retries=1, torch_threads=1,
                       batch_size=4, device="cpu", progress=False)
     summary = label(cfg)
     assert summary.todo == 6 and summary.failed == 6 and summary.labelled == 0

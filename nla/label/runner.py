@@ -63,6 +63,7 @@ class LabelConfig:
     batch_size: int = opt(16, help="rows per forward pass for local teachers (hf, lens)")
     device: str = opt("auto", help="device for local teachers: cpu, cuda, ... (auto: cuda when available)")
     dtype: str = opt("float32", help="dtype for local teachers")
+    torch_threads: int | None = opt(None, help="CPU threads for local teachers (default: torch's choice; 1 is often fastest on a busy machine)")
     cache: str | None = opt(None, help="SQLite answer cache (default: DATA/label_cache.sqlite)")
     retry_failed: bool = opt(False, help="ask again for contexts whose cached answer was malformed")
     price_in: float | None = opt(None, help="USD per million input tokens, for the cost estimate (known models have a default)")
@@ -400,8 +401,14 @@ def label(cfg: LabelConfig) -> LabelSummary:
     save_config(cfg, side_path(ds, "label_config.yaml"))
     summary = runner.summary
     failure: str | None = None
+    threads: int | None = None
     try:
         if summary.todo:
+            if cfg.torch_threads and not teacher.remote:
+                import torch
+
+                threads = torch.get_num_threads()
+                torch.set_num_threads(cfg.torch_threads)
             teacher.prepare(runner.corpus() if teacher.provider == "lens" else {})
             if cfg.progress:
                 runner.bar = tqdm(total=summary.todo, unit="row", desc=f"label {teacher.spec}",
@@ -418,6 +425,10 @@ def label(cfg: LabelConfig) -> LabelSummary:
         _record(ds, cfg, teacher, summary)
     finally:
         cache.close()
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)  # a library call must not leave the process changed
     if failure:
         saved = f" ({summary.labelled} rows labelled before it are saved; re-run to resume)" if summary.labelled else ""
         raise NLAError(failure + saved)
