@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "nla.eval.cli",
     "nla.serve.cli",
     "nla.universal.cli",
+    "nla.pipeline",
 ]
 
 

@@ -17,6 +17,7 @@ records how many optimizer steps are done; optimizer, scheduler and RNG state ar
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -49,7 +50,7 @@ class SFTConfig:
     lora_r: int = opt(16, help="LoRA rank")
     lora_alpha: int = opt(32, help="LoRA alpha")
     lora_dropout: float = opt(0.0, help="LoRA dropout")
-    lora_target_modules: list[str] = opt([], help="module names to adapt (default: all linear layers)")  # noqa: RUF009
+    lora_target_modules: list[str] = opt([], help="module names to adapt (default: all linear layers)")
     use_rslora: bool = opt(False, help="rank-stabilised LoRA scaling (alpha / sqrt(r))")
     precision: str = opt("fp32", help="fp32, or bf16 (autocast, fp32 master weights; the AR value head stays fp32)")
     lr: float = opt(2e-4, help="AV learning rate")
@@ -386,6 +387,12 @@ def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
                 if accelerator.is_main_process:
                     print(f"{run}: stopped after --stop-after-steps; re-run with --resume to continue")
                 return nla
+            if is_fsdp(accelerator):
+                # The live modules are sharded now: the next phase and the final bundle start
+                # from the complete weights of the phase's last checkpoint.
+                last = loop.latest_checkpoint(run, target)
+                assert last is not None
+                nla = NLA.from_pretrained(last, device=str(device), is_trainable=True)
         if nla is None:  # every phase was already done: the last checkpoint is the result
             assert done_ck is not None
             nla = NLA.from_pretrained(done_ck, device=str(device))
@@ -460,6 +467,18 @@ def _train_phase(cfg: SFTConfig, target: str, nla: Any, dataset: Any, accelerato
         logger.truncate_after(state.step, f"{target}_eval")
     # The scheduler must not be prepared: accelerate would step it once per process.
     model, optimizer = accelerator.prepare(module, optimizer)
+    fsdp = is_fsdp(accelerator)
+    agree: Callable[[bool], bool] | None = None
+    clip: Callable[[float], torch.Tensor] | None = None
+    if fsdp:
+        # Each process sees only its shard of the gradients: skip or step together, and clip
+        # by the norm of the whole model (FSDP's own clip_grad_norm_ all-reduces it).
+        def agree(finite: bool) -> bool:
+            flags = accelerator.reduce(torch.tensor(float(finite), device=device), reduction="sum")
+            return bool(flags.item() == world)
+
+        def clip(limit: float) -> torch.Tensor:
+            return model.clip_grad_norm_(limit)  # type: ignore[no-any-return]
 
     def run_eval() -> dict[str, float]:
         model.eval()
@@ -484,8 +503,8 @@ def _train_phase(cfg: SFTConfig, target: str, nla: Any, dataset: Any, accelerato
                 assert mean is not None
                 const = mean.unsqueeze(0).expand(len(eval_vectors), -1)
                 start_eval["baseline_fve_nrm"] = metrics.fve_nrm(const, eval_vectors, mean)
-            logger.log(0, {**start_eval, "padding_fraction": pad, "padding_fraction_ungrouped": pad_random},
-                       phase=f"{target}_eval")
+            logger.log(0, {**start_eval, "padding_fraction": pad, "padding_fraction_ungrouped": pad_random,
+                           "processes": world, "global_batch": global_batch}, phase=f"{target}_eval")
 
         while state.step < total:
             if budget[0] is not None and budget[0] <= 0:
@@ -511,7 +530,8 @@ def _train_phase(cfg: SFTConfig, target: str, nla: Any, dataset: Any, accelerato
                     accelerator.backward(loss_sum * (world / global_units))
                 loss_total += loss_sum.detach().float()
             loss_global = float(accelerator.reduce(loss_total, reduction="sum")) / global_units
-            stepped, grad_norm = loop.guarded_step(optimizer, params, cfg.max_grad_norm or None)
+            stepped, grad_norm = loop.guarded_step(optimizer, params, cfg.max_grad_norm or None,
+                                                   agree=agree, clip=clip)
             scheduler.step()
             state.step += 1
             if not stepped:
@@ -538,8 +558,13 @@ def _train_phase(cfg: SFTConfig, target: str, nla: Any, dataset: Any, accelerato
                         "steps": total, "rows": len(rows), "global_batch": global_batch, "lr": lr,
                         "lora": cfg.lora, "skipped_steps": state.skipped_steps, "seed": cfg.seed,
                     }
+                # Under FSDP every process takes part in gathering the full weights; the
+                # optimizer state stays out (each process holds only its shard of it).
+                full = accelerator.get_state_dict(model) if fsdp else None
                 if main:
-                    loop.save_checkpoint(cfg.out, nla, state, optimizer, scheduler, keep=cfg.keep_checkpoints)
+                    loop.save_checkpoint(
+                        cfg.out, nla, state, None if fsdp else optimizer, scheduler, keep=cfg.keep_checkpoints,
+                        write_weights=functools.partial(write_full_weights, nla, target, full) if fsdp else None)
                 accelerator.wait_for_everyone()
     finally:
         if injector is not None:
@@ -547,6 +572,41 @@ def _train_phase(cfg: SFTConfig, target: str, nla: Any, dataset: Any, accelerato
         bar.close()
     module.eval()
     return True
+
+
+def is_fsdp(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return bool(accelerator.distributed_type == DistributedType.FSDP)
+
+
+def write_full_weights(nla: Any, target: str, state_dict: dict[str, torch.Tensor] | None, path: Path) -> None:
+    """Rewrite the trained model's weights in a saved bundle from a full (gathered) state dict.
+
+    Under FSDP the live modules hold only this process's flat shard, so the bundle that
+    ``save_pretrained`` just wrote has wrong weights for the model being trained. The keys are
+    those of the unwrapped module's ``state_dict()`` (what ``accelerator.get_state_dict`` gives).
+    """
+    from safetensors.torch import save_file
+
+    from nla.bundle import VALUE_HEAD
+
+    if state_dict is None:
+        raise NLAError("FSDP checkpoint: no gathered state dict on the main process")
+    if target == "av":
+        _unwrapped(nla.av_model).save_pretrained(path / "av", state_dict=state_dict)
+        return
+    trunk = {k.removeprefix("trunk."): v for k, v in state_dict.items() if k.startswith("trunk.")}
+    head = {k.removeprefix("value_head."): v.detach().float().cpu().contiguous()
+            for k, v in state_dict.items() if k.startswith("value_head.")}
+    if not trunk or "weight" not in head:
+        raise NLAError(f"FSDP checkpoint: unexpected AR state dict keys {sorted(state_dict)[:4]}...")
+    _unwrapped(nla.ar.trunk).save_pretrained(path / "ar", state_dict=trunk)
+    save_file(head, str(path / "ar" / VALUE_HEAD))
+
+
+def _unwrapped(model: Any) -> Any:
+    return getattr(model, "module", model)
 
 
 def _answer_tokens(e: Example) -> int:
@@ -567,7 +627,7 @@ def _command(target: str | None) -> Callable[[Any], Any]:
     from nla.config import resolve_config
 
     def run(args: Any) -> int:
-        cfg = resolve_config(SFTConfig, args, section="train")
+        cfg = resolve_config(SFTConfig, args, section="sft")
         train_sft(cfg, [target] if target else list(TARGETS))
         return 0
 

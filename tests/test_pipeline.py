@@ -1,0 +1,164 @@
+"""`nla run`: end to end on a tiny model, skipping, resuming, invalidation, example configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nla.errors import NLAError
+from nla.pipeline import load_run_config, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def nla_run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "nla.cli", "run", *args], capture_output=True, text=True,
+                          env=ENV, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"nla run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def statuses(config: Path, work: Path) -> dict[str, str]:
+    cfg = load_run_config(str(config), {"work_dir": str(work)})
+    return {stage.name: status for stage, status, _ in plan(cfg)}
+
+
+def variant(tmp_path: Path, name: str, **changes: dict) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    for section, values in changes.items():
+        data.setdefault(section, {}).update(values)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("run") / "work"
+    proc = nla_run(str(TINY), "--work-dir", str(work))
+    assert "== result ==" in proc.stdout
+    assert "round trip fve_nrm" in proc.stdout
+    assert "report:" in proc.stdout and "AV says:" in proc.stdout
+    return work
+
+
+def test_every_artifact_exists_and_the_bundle_loads(finished_run: Path) -> None:
+    from nla.bundle import NLA
+    from nla.data.store import ActivationDataset
+
+    for rel in ["data/nla_meta.yaml", "data/part-00000.parquet", "sft/nla_meta.yaml", "sft/av", "sft/ar",
+                "sft/metrics.jsonl", "eval/metrics.json", "eval/samples.jsonl", "eval/index.html",
+                "run_config.yaml"]:
+        assert (finished_run / rel).exists(), rel
+    for stage in ["extract", "label", "sft", "eval"]:
+        folder = {"extract": "data"}.get(stage, stage)
+        assert (finished_run / folder / ".nla_stage.json").exists(), stage
+    ds = ActivationDataset.open(finished_run / "data")
+    assert all(r["explanation"] for r in ds.rows())
+    nla = NLA.from_pretrained(finished_run / "sft")
+    assert nla.reconstruct(["a test"]).shape == (1, nla.meta.d_model)
+    metrics = json.loads((finished_run / "eval" / "metrics.json").read_text())
+    assert metrics["baselines"]["mean_direction"]["fve_meannorm"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_second_run_skips_every_stage(finished_run: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if p.is_file()}
+    proc = nla_run(str(TINY), "--work-dir", str(finished_run))
+    for stage in ["extract", "label", "sft", "eval"]:
+        assert f"  {stage:<8} skip" in proc.stdout
+    after = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if p.is_file()}
+    changed = [p for p in before if before[p] != after.get(p) and p.name != "run_config.yaml"]
+    assert not changed, changed
+
+
+def test_changed_setting_invalidates_exactly_the_downstream_stages(finished_run: Path, tmp_path: Path) -> None:
+    assert statuses(TINY, finished_run) == {"extract": "done", "label": "done", "sft": "done", "eval": "done"}
+    sft_changed = variant(tmp_path, "sft.yaml", sft={"lr": 1e-3})
+    assert statuses(sft_changed, finished_run) == {"extract": "done", "label": "done", "sft": "stale", "eval": "stale"}
+    eval_changed = variant(tmp_path, "eval.yaml", eval={"n_candidates": 4})
+    assert statuses(eval_changed, finished_run) == {"extract": "done", "label": "done", "sft": "done", "eval": "stale"}
+    label_changed = variant(tmp_path, "label.yaml", label={"max_retries": 2})
+    assert statuses(label_changed, finished_run)["extract"] == "done"
+    assert set(statuses(label_changed, finished_run).values()) == {"done", "stale"}
+    extract_changed = variant(tmp_path, "extract.yaml", extract={"positions_per_doc": 3})
+    assert set(statuses(extract_changed, finished_run).values()) == {"stale"}
+    # A path or display-only setting changes nothing.
+    cosmetic = variant(tmp_path, "cosmetic.yaml", sft={"progress": False}, eval={"progress": False})
+    assert set(statuses(cosmetic, finished_run).values()) == {"done"}
+
+    refused = nla_run(str(sft_changed), "--work-dir", str(finished_run), check=False)
+    assert refused.returncode == 2
+    err = refused.stderr.strip().splitlines()
+    assert len(err) == 1 and "'sft'" in err[0] and "lr" in err[0] and "--rebuild" in err[0]
+
+
+def test_rebuild_redoes_downstream_only(tmp_path: Path, finished_run: Path) -> None:
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(finished_run, work)
+    data_stamp = (work / "data" / ".nla_stage.json").read_text()
+    changed = variant(tmp_path, "eval.yaml", eval={"n_candidates": 4})
+    proc = nla_run(str(changed), "--work-dir", str(work), "--rebuild")
+    assert "== eval ==" in proc.stdout and "== sft ==" not in proc.stdout and "== extract ==" not in proc.stdout
+    assert (work / "data" / ".nla_stage.json").read_text() == data_stamp
+    assert statuses(changed, work) == {"extract": "done", "label": "done", "sft": "done", "eval": "done"}
+
+
+def test_killed_run_resumes_without_redoing_finished_stages(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, "-m", "nla.cli", "run", str(TINY), "--work-dir", str(work)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 300
+    # Kill once labeling is done and training has begun.
+    while time.time() < deadline and not (work / "sft").exists():
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (work / "label" / ".nla_stage.json").exists()
+    data_stamp = (work / "data" / ".nla_stage.json").read_text()
+    done = nla_run(str(TINY), "--work-dir", str(work))
+    assert "== extract ==" not in done.stdout and "== label ==" not in done.stdout
+    assert "== result ==" in done.stdout
+    assert (work / "data" / ".nla_stage.json").read_text() == data_stamp
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
+                                          if p.name != "universal.yaml"))
+def test_example_configs_validate(config: str, tmp_path: Path) -> None:
+    cfg = load_run_config(str(ROOT / "configs" / config), {"work_dir": str(tmp_path / "w")})
+    rows = plan(cfg)
+    assert [s.name for s, _, _ in rows][:3] == ["extract", "label", "sft"]
+    assert all(status == "run" for _, status, _ in rows)
+    dry = nla_run(str(ROOT / "configs" / config), "--work-dir", str(tmp_path / "w"), "--dry-run")
+    assert "total to do" in dry.stdout
+    assert not (tmp_path / "w").exists()
+
+
+def test_default_plan_is_the_embedded_model(tmp_path: Path) -> None:
+    cfg = load_run_config(None, {"work_dir": str(tmp_path)})
+    assert cfg.model == "default" and cfg.layer == 20 and cfg.teacher == "lens" and cfg.corpus == "builtin"
+    assert [s.name for s, _, _ in plan(cfg)] == ["extract", "label", "sft", "eval"]
+
+
+def test_bad_config_names_the_key(tmp_path: Path) -> None:
+    bad = variant(tmp_path, "bad.yaml", sft={"learning_rate": 1.0})
+    with pytest.raises(NLAError, match="learning_rate"):
+        plan(load_run_config(str(bad), {"work_dir": str(tmp_path)}))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    proc = nla_run(str(broken), "--dry-run", check=False)
+    assert proc.returncode == 2 and "malformed YAML" in proc.stderr and proc.stderr.count("\n") == 1
