@@ -13,35 +13,42 @@ import sys
 
 from nla.errors import NLAError
 
-# Stage modules, in pipeline order; each adds its own subcommand(s).
-COMMAND_MODULES = [
-    "nla.data.extract",
-    "nla.label.runner",
-    "nla.bundle_cli",
-    "nla.interop.cli",
-    "nla.train.cli",
-    "nla.eval.cli",
-    "nla.serve.cli",
-    "nla.universal.cli",
-    "nla.pipeline",
-]
+# Which module registers each subcommand, in pipeline order. Only the module of the command
+# being run is imported: importing them all (FastAPI, accelerate, ...) costs seconds per call.
+COMMANDS: dict[str, str] = {
+    "extract": "nla.data.extract",
+    "label": "nla.label.runner",
+    "init": "nla.bundle_cli",
+    "verbalize": "nla.bundle_cli",
+    "reconstruct": "nla.bundle_cli",
+    "train": "nla.train.cli",
+    "eval": "nla.eval.cli",
+    "serve": "nla.serve.cli",
+    "import": "nla.interop.cli",
+    "releases": "nla.interop.cli",
+    "universal": "nla.universal.cli",
+    "run": "nla.pipeline",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nla",
         description="Natural Language Autoencoders: verbalize LLM activations and reconstruct them.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    words = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")]
+    wanted = COMMANDS.get(words[0]) if words else None
+    modules = [wanted] if wanted else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Offline by default: the embedded models need no hub, and a stray lookup would hang.
+    # The tokenizers' thread pool warns (and can deadlock) when a process forks after using it.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
