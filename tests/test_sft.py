@@ -170,23 +170,63 @@ def test_sigkill_then_resume_gives_the_same_curve(labelled: Path, tmp_path: Path
 
 # ---------------------------------------------------------------- scale
 def test_two_process_ddp_matches_single_process(labelled: Path, tmp_path: Path) -> None:
+    """2 processes × 2 micro-batches of 1 row = one process with 1 batch of 4 rows.
+
+    The launch must really start two processes: `accelerate launch --cpu --num_processes 2`
+    falls back to a single process without an MPI hostfile (accelerate's simple launcher), so
+    the run would silently train on half the global batch. `--multi_gpu` starts two processes
+    through torchrun and `--device cpu` makes them CPU processes talking over gloo.
+    """
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     common = ["av", "--data", str(labelled), "--device", "cpu", "--no-progress", "--max-steps", "3",
-              "--eval-every", "0", "--save-every", "0", "--lr", "1e-3", "--grad-accum", "1"]
+              "--eval-every", "0", "--save-every", "0", "--eval-rows", "4", "--lr", "1e-3"]
     single = tmp_path / "single"
     subprocess.run(_cli(*common, "--batch-size", "4", "--out", str(single)), env=env, cwd=REPO, check=True,
                    capture_output=True)
     ddp = tmp_path / "ddp"
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    res = subprocess.run([accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    res = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-                          "-m", "nla.cli", "train", *common, "--batch-size", "2", "--out", str(ddp)],
-                         env=env, cwd=REPO, capture_output=True, text=True)
+                          "-m", "nla.cli", "train", *common, "--batch-size", "1", "--grad-accum", "2",
+                          "--out", str(ddp)], env=env, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
+    start = next(r for r in read_metrics(ddp / "metrics.jsonl") if r["phase"] == "av_eval")
+    assert start["processes"] == 2 and start["global_batch"] == 4
     a, b = curve(single, "av"), curve(ddp, "av")
     assert len(a) == len(b) == 3
     assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
     assert a[0] != pytest.approx(a[-1])  # weights changed in between: the match is not trivial
+
+
+def test_fsdp_checkpoint_weights_come_from_the_gathered_state_dict(tmp_path: Path) -> None:
+    """The FSDP save path (live modules sharded) writes the full state dict's weights, by key."""
+    from safetensors.torch import load_file
+
+    from nla.bundle import NLA, LoraSettings
+    from nla.train.loop import TrainerState, save_checkpoint
+    from nla.train.sft import write_full_weights
+
+    torch.manual_seed(0)
+    nla = NLA.initialize("tiny:llama", lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear",
+                                                         use_rslora=False))
+    for target, module in (("av", nla.av_model), ("ar", nla.ar)):
+        # What a gather would return: the module's own keys, other values than the live ones.
+        full = {k: v.detach().clone() + 0.5 for k, v in module.state_dict().items()}
+        ck = save_checkpoint(tmp_path, nla, TrainerState(target, 1, 1), keep=None,
+                             write_weights=lambda p, t=target, sd=full: write_full_weights(nla, t, sd, p))
+        adapter = load_file(str(ck / target / "adapter_model.safetensors"))
+        assert adapter, "no adapter weights written"
+        live = dict(module.named_parameters())
+        for name, value in adapter.items():
+            # PEFT drops the adapter name from saved keys; find the full-state-dict entry.
+            match = [k for k in full if k.replace(".default", "").endswith(name.removeprefix("base_model.model."))]
+            assert len(match) == 1, name
+            assert torch.equal(value, full[match[0]]) and not torch.equal(value, live[match[0]])
+        if target == "ar":
+            head = load_file(str(ck / "ar" / "value_head.safetensors"))["weight"]
+            assert torch.equal(head, full["value_head.weight"])
+            reloaded = NLA.from_pretrained(ck)
+            assert torch.equal(reloaded.ar.value_head.weight, full["value_head.weight"])
 
 
 # ---------------------------------------------------------------- bad input

@@ -25,7 +25,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,15 +171,24 @@ def grads_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
 
 
 def guarded_step(optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter],
-                 max_grad_norm: float | None = None) -> tuple[bool, float]:
+                 max_grad_norm: float | None = None, *,
+                 agree: Callable[[bool], bool] | None = None,
+                 clip: Callable[[float], torch.Tensor] | None = None) -> tuple[bool, float]:
     """Clip and step, or skip the step when a gradient is NaN/inf. Returns (stepped, grad_norm).
 
     The gradients are always cleared, so a skipped step does not leak into the next one.
+    Sharded training (FSDP) sees only its own shard of each gradient: ``agree`` turns the local
+    verdict into the global one (all processes must skip together, or their weights diverge) and
+    ``clip`` computes the norm over the whole model instead of over the local shard.
     """
-    if not grads_finite(parameters):
+    finite = grads_finite(parameters)
+    if agree is not None:
+        finite = agree(finite)
+    if not finite:
         optimizer.zero_grad(set_to_none=True)
         return False, float("nan")
-    norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm else float("inf"))
+    limit = max_grad_norm if max_grad_norm else float("inf")
+    norm = clip(limit) if clip is not None else torch.nn.utils.clip_grad_norm_(parameters, limit)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return True, float(norm)
@@ -224,14 +233,19 @@ def _to_tuple(x: Any) -> Any:
 def save_checkpoint(run_dir: str | Path, nla: Any, state: TrainerState,
                     optimizer: torch.optim.Optimizer | None = None,
                     scheduler: Any = None, keep: int | None = 2,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None,
+                    write_weights: Callable[[Path], None] | None = None) -> Path:
     """Bundle + trainer state under ``checkpoints/<phase>-<step>``; older ones pruned to ``keep``.
 
     ``extra``: more tensors/state dicts to keep with it (RL: the AR optimizer, the RL adapter),
-    read back with :func:`checkpoint_extra`.
+    read back with :func:`checkpoint_extra`. ``write_weights(path)`` rewrites model weights in
+    the saved bundle before the checkpoint is marked complete (FSDP: the live modules hold only
+    this process's shard, the full weights come from a gathered state dict).
     """
     path = checkpoint_dir(run_dir, state.phase, state.step)
     nla.save_pretrained(path)
+    if write_weights is not None:
+        write_weights(path)
     blob: dict[str, Any] = {"rng": rng_state()}
     if extra is not None:
         blob["extra"] = extra
