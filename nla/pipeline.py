@@ -40,11 +40,23 @@ class RunConfig:
     device: str = opt("auto", help="cpu, cuda, auto")
     seed: int = opt(0, help="seed for every stage")
     examples: int = opt(3, help="example explanations printed at the end")
-    extract: dict[str, Any] = opt({}, help="settings for `nla extract` (see nla extract --help)")
+    # The section defaults size the embedded default to about 20–30 minutes on 2 CPU cores
+    # (configs/default.yaml is the commented copy of these values).
+    extract: dict[str, Any] = opt(
+        {"docs": 200, "positions_per_doc": 5, "seq_len": 256},
+        help="settings for `nla extract` (see nla extract --help)",
+    )
     label: dict[str, Any] = opt({}, help="settings for `nla label`")
-    sft: dict[str, Any] = opt({}, help="settings for `nla train sft`")
+    sft: dict[str, Any] = opt(
+        {"max_steps": 40, "ar_max_steps": 80, "lr": 1e-3, "head_lr": 3e-3, "batch_size": 8,
+         "max_length": 192, "eval_every": 40, "save_every": 20, "eval_rows": 64},
+        help="settings for `nla train sft`",
+    )
     rl_train: dict[str, Any] = opt({}, help="settings for `nla train rl`")
-    eval: dict[str, Any] = opt({}, help="settings for `nla eval`")
+    eval: dict[str, Any] = opt(
+        {"max_rows": 128, "best_of": 2, "max_new_tokens": 112},
+        help="settings for `nla eval`",
+    )
 
 
 @dataclass

@@ -162,3 +162,13 @@ def test_bad_config_names_the_key(tmp_path: Path) -> None:
     broken.write_text("model: [unclosed\n")
     proc = nla_run(str(broken), "--dry-run", check=False)
     assert proc.returncode == 2 and "malformed YAML" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_configs_default_yaml_is_the_builtin_default() -> None:
+    """configs/default.yaml documents exactly what `nla run` does with no config."""
+    import dataclasses
+
+    from nla.pipeline import RunConfig
+
+    documented = load_run_config(str(ROOT / "configs" / "default.yaml"))
+    assert dataclasses.asdict(documented) == dataclasses.asdict(RunConfig())
