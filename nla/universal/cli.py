@@ -219,7 +219,7 @@ def _model_info(data: UniversalData, tag: str) -> dict[str, Any]:
 class UniversalEvalConfig:
     bundle: str = opt("", help="universal bundle")
     data: str = opt("", help="universal extraction folder (each model's `eval` split is used)")
-    models: list[str] = opt([], help="tags to evaluate (default: every bundle tag extracted in --data)")  # noqa: RUF009
+    models: list[str] = opt([], help="tags to evaluate (default: every bundle tag extracted in --data)")
     rows: int = opt(64, help="eval rows per model")
     max_new_tokens: int = opt(64, help="longest AV explanation")
     batch_size: int = opt(32, help="sequences per generation / AR batch")
@@ -291,9 +291,9 @@ def cmd_eval(cfg: UniversalEvalConfig) -> list[dict[str, Any]]:
 class UniversalTrainConfig:
     data: str = opt("", help="universal extraction folder; at least one model's dataset labelled (`nla label`)")
     out: str = opt("", help="run folder: shared/ (the tagged dataset), sft/ (the SFT run), bundle/ (the result)")
-    models: list[str] = opt([], help="tags to train on (default: the anchor and every tag with an enc map)")  # noqa: RUF009
+    models: list[str] = opt([], help="tags to train on (default: the anchor and every tag with an enc map)")
     maps: str | None = opt(None, help="folder of enc maps from fit-enc (default: DATA/adapters)")
-    sft: dict[str, Any] = opt({}, help="settings for the SFT trainer (any `nla train sft` field; YAML only)")  # noqa: RUF009
+    sft: dict[str, Any] = opt({}, help="settings for the SFT trainer (any `nla train sft` field; YAML only)")
     max_steps: int | None = opt(None, help="SFT optimizer steps per model (overrides sft.max_steps)")
     lr: float | None = opt(None, help="SFT learning rate (overrides sft.lr)")
     batch_size: int | None = opt(None, help="SFT micro-batch (overrides sft.batch_size)")

@@ -65,10 +65,10 @@ SHARED_SETTINGS = ("corpus", "text_column", "id_column", "docs", "positions_per_
 @dataclass
 class UniversalExtractConfig:
     out: str = opt("", help="output folder (one activation dataset per model inside)")
-    models: list[str] = opt([], help="models as TAG=SPEC or SPEC (hub id, path, 'default', 'gemma3-270m', "  # noqa: RUF009
+    models: list[str] = opt([], help="models as TAG=SPEC or SPEC (hub id, path, 'default', 'gemma3-270m', "
                             "'tiny:<arch>'); the first is the anchor unless --anchor says otherwise")
     anchor: str | None = opt(None, help="tag of the anchor model (whose token ends choose the shared offsets)")
-    layers: list[str] = opt([], help="TAG=K per model; layer K = output of decoder block K (0-based) = "  # noqa: RUF009
+    layers: list[str] = opt([], help="TAG=K per model; layer K = output of decoder block K (0-based) = "
                             "hidden_states[K+1]; default (2*n_layers)//3 (the embedded models: their own)")
     corpus: str = opt("builtin", help="'builtin', a text/JSONL/Parquet file, a folder of .txt files, or hf:NAME")
     text_column: str = opt("text", help="text column of JSONL/Parquet/HF corpora")
