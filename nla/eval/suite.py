@@ -66,7 +66,7 @@ class EvalConfig:
     base_url: str | None = opt(None, help="API endpoint of the teacher")
     api_key_env: str | None = opt(None, help="environment variable holding the teacher's API key (never written anywhere)")
     judge_rows: int = opt(64, help="rows sent to the LLM judge")
-    category_columns: list[str] = opt([], help="extra dataset columns to break down by (default: every extra column with at most 50 values)")  # noqa: RUF009
+    category_columns: list[str] = opt([], help="extra dataset columns to break down by (default: every extra column with at most 50 values)")
     html_samples: int = opt(500, help="most samples shown in index.html (samples.jsonl has all)")
     device: str = opt("auto", help="cpu, cuda, ... (auto: cuda when available)")
     dtype: str = opt("float32", help="model dtype")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,14 +188,6 @@ class HTTPTeacher(Teacher):
 
     async def __aenter__(self) -> HTTPTeacher:
         import httpx
-
-        try:
-            import sniffio  # noqa: F401
-        except ImportError:
-            # httpcore tries `import sniffio` on every lock it makes (~13 per request); without
-            # the package each try searches sys.path on disk, about half the client's CPU time.
-            # A cached miss makes the same ImportError free.
-            sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
 
         # One single-connection client per request in flight, lent out from a free list.
         # A shared pool would do the same job, but httpcore re-scans every pooled connection

@@ -81,8 +81,8 @@ class RLConfig:
     normalize_std: bool = opt(True, help="divide group-centred rewards by the group's std (GRPO); off: Dr. GRPO")
     max_grad_norm: float = opt(1.0, help="gradient clipping norm (AV and AR)")
     # opt() turns a list default into a default_factory field, so no instance shares it.
-    reward: list[str] = opt(["neg_mse"], help="reward(s): neg_mse, neg_log_mse, contrastive or module:function")  # noqa: RUF009
-    reward_weights: list[float] = opt([], help="one weight per reward (default: all 1)")  # noqa: RUF009
+    reward: list[str] = opt(["neg_mse"], help="reward(s): neg_mse, neg_log_mse, contrastive or module:function")
+    reward_weights: list[float] = opt([], help="one weight per reward (default: all 1)")
     length_penalty: float = opt(0.0, help="reward −this per answer token (0: off)")
     invalid_reward: float | None = opt(-2.0, help="reward of an unparseable or truncated answer (YAML null: no floor)")
     lora_r: int = opt(16, help="rank of the RL adapter on the AV (0: full fine-tuning with a frozen reference copy)")
