@@ -52,7 +52,7 @@ class LabelConfig:
     teacher: str = opt("lens", help="lens[:MODEL] (offline, default) | openai:MODEL | anthropic:MODEL | hf:MODEL (hub id, path, 'default', tiny:ARCH)")
     base_url: str | None = opt(None, help="API endpoint; openai default https://api.openai.com/v1, anthropic default https://api.anthropic.com")
     api_key_env: str | None = opt(None, help="environment variable holding the API key (default OPENAI_API_KEY / ANTHROPIC_API_KEY); the key itself is never a setting")
-    splits: list[str] = opt([], help="splits to label (default: all)") — opt() makes a default_factory
+    splits: list[str] = opt([], help="splits to label (default: all)")
     limit: int | None = opt(None, help="label at most N more rows in this run")
     concurrency: int = opt(32, help="API requests in flight at once")
     max_retries: int = opt(5, help="retries per row, for transient errors and for malformed answers alike")
