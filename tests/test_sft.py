@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
 from conftest import make_dataset
 
-from nla.data.store import ActivationDataset
+from nla.data.store import ActivationDataset, make_table
 from nla.errors import NLAError
 from nla.train.loop import latest_checkpoint, read_metrics
 from nla.train.sft import (
@@ -31,21 +32,56 @@ from nla.train.sft import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def label_with_context(path: Path) -> Path:
-    """Explanations that carry information: the context's last words, which set the vector."""
+# Eight classes of explanation; each row's vector is its class's direction plus a shared offset
+# (an anisotropic layer, like real ones) plus a little noise, so the words determine the vector.
+PHRASES = ["red apple", "blue ocean", "green forest", "loud music", "cold winter", "fast train", "old castle",
+           "sweet honey"]
+SPLITS = "av_sft=0.35,ar_sft=0.35,rl=0.05,eval=0.25"
+
+
+def label_by_construction(path: Path, seed: int = 0, noise: float = 0.1) -> Path:
+    """Give each row a phrase of PHRASES and a vector the phrase determines; recompute the stats.
+
+    The extracted vectors of a random tiny model are replaced: labels describing its real
+    contexts carry almost nothing linearly readable about them, so an AR trained on those can
+    only reach the mean-direction baseline and the test could not tell learning from no learning.
+    Rows keep their documents, positions, contexts and splits.
+    """
     ds = ActivationDataset.open(path)
+    d = ds.d_model
+    gen = torch.Generator().manual_seed(seed)
+    directions = torch.randn(len(PHRASES), d, generator=gen)
+    offset = torch.randn(d, generator=gen)
     for shard, table in ds.iter_shards():
-        expl = [" ".join(c.split()[-3:]) for c in table.column("context").to_pylist()]
-        i = table.column_names.index("explanation")
-        ds.replace_shard(shard, table.set_column(i, "explanation", pa.array(expl, pa.string())))
+        k = torch.randint(len(PHRASES), (table.num_rows,), generator=gen)
+        vectors = offset + directions[k] + noise * torch.randn(table.num_rows, d, generator=gen)
+        rows = {c: table.column(c).to_pylist() for c in ("doc_id", "position", "context", "split")}
+        rows["explanation"] = [PHRASES[i] for i in k.tolist()]
+        ds.replace_shard(shard, make_table(rows, vectors, d))
+    ds.finalize_stats()  # the training mean vector, norms and injection scale of the new vectors
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny matrices: intra-op threads only add overhead (and the test machine is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """32 documents × 4 positions of tiny:gemma, labelled by construction.
+
+    Gemma, because its random trunk's read-out state depends on the text (its embeddings are
+    scaled by sqrt(d)): on tiny:llama the states of different explanations agree to cos 0.99,
+    and an identity-initialised head needs hundreds of steps to pull them apart.
+    """
     out = tmp_path_factory.mktemp("sft") / "data"
-    make_dataset(out, docs=48, split="av_sft=0.35,ar_sft=0.35,rl=0.05,eval=0.25")
-    return label_with_context(out)
+    make_dataset(out, arch="gemma", docs=32, split=SPLITS)
+    return label_by_construction(out)
 
 
 def cfg_for(data: Path, out: Path, **kw: object) -> SFTConfig:
@@ -86,27 +122,44 @@ def test_ar_beats_mean_baseline_and_av_loss_falls(labelled: Path, tmp_path: Path
     from nla.bundle import NLA
 
     run = tmp_path / "run"
-    cfg = cfg_for(labelled, run, max_steps=40, ar_max_steps=120, lr=3e-3, head_lr=3e-3, eval_every=40,
-                  warmup_ratio=0.05)
+    # LoRA trunk at 3e-3; the fp32 identity-initialised value head learns faster (3e-2).
+    cfg = cfg_for(labelled, run, max_steps=20, ar_max_steps=30, lr=3e-3, head_lr=3e-2, warmup_ratio=0.05)
     train_sft(cfg)
     records = read_metrics(run / "metrics.jsonl")
     ar_eval = [r for r in records if r["phase"] == "ar_eval"]
     start, end = ar_eval[0], ar_eval[-1]
+    assert [r["step"] for r in ar_eval] == [0, 30]
     assert start["fve_nrm"] < 0  # the identity head reads another text's state
-    assert end["fve_nrm"] > start["baseline_fve_nrm"] + 0.15, ar_eval
-    assert end["fve_nrm"] > start["fve_nrm"] + 0.3
+    assert start["baseline_fve_nrm"] < 0  # the mean direction: fve_meannorm 0, fve_nrm below
+    assert end["fve_nrm"] > max(start["baseline_fve_nrm"] + 0.3, 0.3), ar_eval
+    assert end["mse_nrm"] < start["mse_nrm"] / 4
     av_eval = [r["loss"] for r in records if r["phase"] == "av_eval"]
-    assert av_eval[-1] < av_eval[0] - 0.5
+    assert len(av_eval) == 2 and av_eval[-1] < av_eval[0] - 0.5, av_eval
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert 0 <= start["padding_fraction"] < start["padding_fraction_ungrouped"]
 
     nla = NLA.from_pretrained(run)
     assert set(nla.meta.training) == {"av", "ar"}
-    vecs = ActivationDataset.open(labelled).vectors("eval")[:2]
-    out = nla.verbalize(vecs, max_new_tokens=12)
+    ds = ActivationDataset.open(labelled)
+    vecs = ds.vectors("eval")
+    out = nla.verbalize(vecs[:2], max_new_tokens=12)
     assert len(out) == 2 and all(o[0].raw for o in out)
-    recon = nla.reconstruct(["a b c", "x y z"])
-    assert recon.shape == (2, nla.meta.d_model) and torch.isfinite(recon).all()
+    # Through the API, each phrase reconstructs nearest to its own class's mean vector.
+    every, phrases = ds.vectors(), [r["explanation"] for r in ds.rows()]
+    centroids = torch.stack([every[[i for i, p in enumerate(phrases) if p == ph]].mean(0) for ph in PHRASES])
+    recon = nla.reconstruct(PHRASES)
+    assert recon.shape == (len(PHRASES), nla.meta.d_model) and torch.isfinite(recon).all()
+    sims = torch.nn.functional.normalize(recon, dim=-1) @ torch.nn.functional.normalize(centroids, dim=-1).T
+    assert int((sims.argmax(-1) == torch.arange(len(PHRASES))).sum()) >= 6, sims
+
+
+def test_one_process_can_train_in_fp32_then_in_bf16(tmp_path: Path) -> None:
+    """accelerate's per-process state would refuse a second run with another precision."""
+    from nla.train.sft import make_accelerator
+
+    assert make_accelerator(cfg_for(tmp_path, tmp_path / "a")).mixed_precision == "no"
+    assert make_accelerator(cfg_for(tmp_path, tmp_path / "b", precision="bf16")).mixed_precision == "bf16"
+    assert make_accelerator(cfg_for(tmp_path, tmp_path / "c")).mixed_precision == "no"
 
 
 def test_value_head_fp32_under_bf16_full_finetune(labelled: Path, tmp_path: Path) -> None:
@@ -139,33 +192,45 @@ def test_stopped_and_resumed_run_matches_uninterrupted(labelled: Path, tmp_path:
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
 
 
+def free_port() -> int:
+    """A port nobody listens on now (a fixed one collides with a concurrent run of this test)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "nla.cli", "train", *args]
 
 
 def test_sigkill_then_resume_gives_the_same_curve(labelled: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # Enough steps after the kill point that the run cannot finish between two polls.
+    steps, every = 30, 3
     common = ["ar", "--data", str(labelled), "--device", "cpu", "--no-progress", "--batch-size", "8",
-              "--max-steps", "6", "--save-every", "2", "--eval-every", "0", "--lr", "1e-3"]
+              "--max-steps", str(steps), "--save-every", str(every), "--eval-every", "0", "--lr", "1e-3"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cli(*common, "--out", str(killed)), env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if latest_checkpoint(killed, "ar") is not None and len(curve(killed, "ar")) >= 3:
+        if latest_checkpoint(killed, "ar") is not None and len(curve(killed, "ar")) > every:
             break
-        time.sleep(0.2)
+        time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(curve(killed, "ar")) < 6
-    subprocess.run(_cli(*common, "--out", str(killed), "--resume"), env=env, cwd=REPO, check=True,
-                   capture_output=True)
+    assert every < len(curve(killed, "ar")) < steps
+    res = subprocess.run(_cli(*common, "--out", str(killed), "--resume"), env=env, cwd=REPO, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # The uninterrupted run, in this process: the same settings as the command line's.
     clean = tmp_path / "clean"
-    subprocess.run(_cli(*common, "--out", str(clean)), env=env, cwd=REPO, check=True, capture_output=True)
+    train_sft(cfg_for(labelled, clean, max_steps=steps, save_every=every), ["ar"])
     a, b = curve(clean, "ar"), curve(killed, "ar")
-    assert [r["step"] for r in read_metrics(killed / "metrics.jsonl") if r["phase"] == "ar"] == list(range(1, 7))
-    assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    assert [r["step"] for r in read_metrics(killed / "metrics.jsonl") if r["phase"] == "ar"] == list(range(1, steps + 1))
+    assert len(a) == steps and a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    assert a[0] != pytest.approx(a[-1])  # it trained: the curves agree on more than a constant
 
 
 # ---------------------------------------------------------------- scale
@@ -180,13 +245,12 @@ def test_two_process_ddp_matches_single_process(labelled: Path, tmp_path: Path) 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     common = ["av", "--data", str(labelled), "--device", "cpu", "--no-progress", "--max-steps", "3",
               "--eval-every", "0", "--save-every", "0", "--eval-rows", "4", "--lr", "1e-3"]
-    single = tmp_path / "single"
-    subprocess.run(_cli(*common, "--batch-size", "4", "--out", str(single)), env=env, cwd=REPO, check=True,
-                   capture_output=True)
+    single = tmp_path / "single"  # in this process: the same settings as the command line's
+    train_sft(cfg_for(labelled, single, batch_size=4, max_steps=3, eval_rows=4), ["av"])
     ddp = tmp_path / "ddp"
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     res = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                           "-m", "nla.cli", "train", *common, "--batch-size", "1", "--grad-accum", "2",
                           "--out", str(ddp)], env=env, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -315,6 +315,15 @@ def make_accelerator(cfg: SFTConfig) -> Any:
 
     if cfg.precision not in ("fp32", "bf16"):
         raise NLAError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
+    # accelerate keeps one state per process, fixed by the first Accelerator: a second run in
+    # the same process (the Python API) with another precision or device would be refused.
+    # Reset the per-run settings; keep the process group of a distributed launch.
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import DistributedType
+
+    single = PartialState._shared_state.get("distributed_type", DistributedType.NO) == DistributedType.NO
+    AcceleratorState._reset_state(reset_partial_state=single)
+    GradientState._reset_state()
     return Accelerator(cpu=cfg.device == "cpu", mixed_precision="bf16" if cfg.precision == "bf16" else "no")
 
 
