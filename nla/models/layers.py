@@ -74,11 +74,18 @@ def truncate_blocks(model: nn.Module, layer: int) -> nn.Module:
     blocks = decoder_blocks(model)
     check_layer(layer, len(blocks))
     del blocks[layer + 1 :]
-    cfg = text_config(model.config)
+    truncate_config(model.config, layer)
+    return model
+
+
+def truncate_config(config: Any, layer: int) -> Any:
+    """The (text) config of a model cut after block ``layer``: it says K + 1 layers."""
+    cfg = text_config(config)
+    check_layer(layer, num_layers(cfg))
     for name in ("num_hidden_layers", "n_layer"):
         if hasattr(cfg, name):
             setattr(cfg, name, layer + 1)
     # Per-layer lists (Gemma 3 sliding/full attention pattern) must shrink with the blocks.
     if isinstance(getattr(cfg, "layer_types", None), list):
         cfg.layer_types = cfg.layer_types[: layer + 1]
-    return model
+    return cfg

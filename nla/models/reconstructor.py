@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from nla.errors import NLAError
-from nla.models.layers import check_layer, hidden_size, num_layers, text_config
+from nla.models.layers import hidden_size, truncate_config
 
 
 def drop_final_norm(trunk: nn.Module) -> None:
@@ -28,14 +28,7 @@ def truncated_config(path: str, layer: int, trust_remote_code: bool = False) -> 
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    cfg = text_config(config)
-    check_layer(layer, num_layers(cfg))
-    for name in ("num_hidden_layers", "n_layer"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, layer + 1)
-    if isinstance(getattr(cfg, "layer_types", None), list):
-        cfg.layer_types = cfg.layer_types[: layer + 1]
-    return cfg
+    return truncate_config(config, layer)
 
 
 def load_trunk(path: str, layer: int | None, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
