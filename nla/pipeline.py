@@ -54,7 +54,8 @@ class RunConfig:
     )
     rl_train: dict[str, Any] = opt({}, help="settings for `nla train rl`")
     eval: dict[str, Any] = opt(
-        {"max_rows": 128, "best_of": 2, "max_new_tokens": 112},
+        # best-of-k samples k more answers per vector: off on CPU, where generation dominates.
+        {"max_rows": 128, "best_of": 0, "max_new_tokens": 112},
         help="settings for `nla eval`",
     )
 
