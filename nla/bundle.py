@@ -333,16 +333,15 @@ class NLA:
         root = Path(path)
         meta_path = root / META_NAME
         if not meta_path.exists():
-            resolver = _registry_resolver()
-            if resolver is not None:
-                return resolver(str(path), dtype=dtype, device=device)
-            raise NLAError(f"{root}: not an NLA bundle (no {META_NAME})")
+            from nla.interop import load_release
+
+            return load_release(str(path), dtype=dtype, device=device)
         data = read_yaml(meta_path)
         if data.get("kind") != BUNDLE_KIND:
             # Another published layout (paper, nanoNLA, PEFT pair, universal): its importer.
-            resolver = _registry_resolver()
-            if resolver is not None:
-                return resolver(str(path), dtype=dtype, device=device)
+            from nla.interop import load_release
+
+            return load_release(str(path), dtype=dtype, device=device)
         meta = BundleMeta.from_dict(data, meta_path)
         dev = pick_device(device)
         torch_dtype = parse_dtype(dtype)
@@ -522,12 +521,3 @@ def _dataset_stats(ds: Any, mean: torch.Tensor) -> dict[str, Any]:
 def _unwrap(model: Any) -> Any:
     """Strip DDP/accelerate wrappers (not PEFT: PEFT models save as adapters)."""
     return getattr(model, "module", model)
-
-
-def _registry_resolver() -> Any:
-    """``nla.interop.load_release`` when the interop package is present."""
-    try:
-        from nla.interop import load_release  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return load_release

@@ -2,7 +2,6 @@
 
 Each module in :data:`TRAIN_MODULES` exposes ``register_train(subparsers)`` and adds its own
 subcommands (``av``, ``ar``, ``sft`` from :mod:`nla.train.sft`; ``rl`` from :mod:`nla.train.rl`).
-A listed module that is not installed yet is skipped, so methods can land one at a time.
 """
 
 from __future__ import annotations
@@ -22,15 +21,7 @@ def register(sub: Any) -> None:
                             "checkpoints, metrics.jsonl and curves.png, and resumes with --resume.")
     methods = parser.add_subparsers(dest="train_method", metavar="METHOD")
     for name in TRAIN_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # the method is not part of this install (yet)
-                continue
-            raise
-        register_train = getattr(module, "register_train", None)
-        if register_train is not None:  # a module mid-way to the contract adds nothing yet
-            register_train(methods)
+        importlib.import_module(name).register_train(methods)
 
     def no_method(_args: Any) -> int:
         parser.print_help()
