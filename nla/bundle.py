@@ -310,6 +310,26 @@ class NLA:
         self.verbalizer.model = self.av_model
         self.meta.av_format = self.meta.ar_format = "peft"
 
+    def merge_adapters(self) -> None:
+        """Fold LoRA adapters into the weights, for inference only (eval, serving).
+
+        Unmerged LoRA costs two extra small matmuls per adapted layer per generated token,
+        which on a CPU is a large share of the AV's generation time. The result is an
+        ordinary full bundle (saving it writes full weights); greedy outputs can differ
+        from the unmerged model's only by float rounding. The price: :meth:`base_states`
+        can no longer disable the adapter and loads a second copy of the base model, which
+        is why serving (which explains raw text) keeps the adapters unmerged.
+        """
+        from peft import PeftModel
+
+        if isinstance(self.av_model, PeftModel):
+            self.av_model = self.av_model.merge_and_unload()
+            self.verbalizer.model = self.av_model
+            self.meta.av_format = "full"
+        if isinstance(self.ar.trunk, PeftModel):
+            self.ar.trunk = self.ar.trunk.merge_and_unload()
+            self.meta.ar_format = "full"
+
     @classmethod
     def from_pretrained(
         cls,

@@ -40,22 +40,29 @@ class RunConfig:
     device: str = opt("auto", help="cpu, cuda, auto")
     seed: int = opt(0, help="seed for every stage")
     examples: int = opt(3, help="example explanations printed at the end")
-    # The section defaults size the embedded default to about 20–30 minutes on 2 CPU cores
+    # The section defaults size the embedded default to about 30 minutes on 2 CPU cores
     # (configs/default.yaml is the commented copy of these values).
     extract: dict[str, Any] = opt(
-        {"docs": 200, "positions_per_doc": 5, "seq_len": 256},
+        {"docs": 352, "positions_per_doc": 10, "seq_len": 256,
+         "split": "av_sft=0.4,ar_sft=0.25,rl=0.2,eval=0.15"},
         help="settings for `nla extract` (see nla extract --help)",
     )
     label: dict[str, Any] = opt({}, help="settings for `nla label`")
     sft: dict[str, Any] = opt(
-        {"max_steps": 40, "ar_max_steps": 80, "lr": 1e-3, "head_lr": 3e-3, "batch_size": 8,
-         "max_length": 192, "eval_every": 40, "save_every": 20, "eval_rows": 64},
+        {"max_steps": 60, "ar_max_steps": 200, "lr": 1e-3, "ar_lr": 2e-3, "head_lr": 5e-3, "batch_size": 8,
+         "max_length": 192, "eval_every": 100, "save_every": 50, "eval_rows": 128},
         help="settings for `nla train sft`",
     )
-    rl_train: dict[str, Any] = opt({}, help="settings for `nla train rl`")
+    rl_train: dict[str, Any] = opt(
+        # Sized for the embedded default on CPU: lens explanations run ~90 tokens, so a shorter
+        # token limit would truncate every rollout (and score it as invalid).
+        {"steps": 20, "batch_size": 4, "group_size": 4, "max_new_tokens": 112, "lr": 1e-4, "ar_lr": 5e-4,
+         "eval_rows": 128, "save_every": 10},
+        help="settings for `nla train rl` when rl is true (an `rl:` section in the YAML replaces them)",
+    )
     eval: dict[str, Any] = opt(
         # best-of-k samples k more answers per vector: off on CPU, where generation dominates.
-        {"max_rows": 128, "best_of": 0, "max_new_tokens": 112},
+        {"max_rows": 256, "best_of": 0, "max_new_tokens": 112},
         help="settings for `nla eval`",
     )
 

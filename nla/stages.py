@@ -44,7 +44,7 @@ def make_stages(cfg: RunConfig) -> list[Stage]:
     docs = ex.docs or 352
     stages = [
         Stage("extract", _settings(ex, ("out", "device", "batch_size")), lambda: extract(ex), data_dir,
-              estimate_s=docs * 0.6, estimate_mb=docs * ex.positions_per_doc * 2.6 / 1000 * 4 + 1),
+              estimate_s=docs * 0.3, estimate_mb=docs * ex.positions_per_doc * 2.6 / 1000 * 4 + 1),
     ]
 
     # The request cache lives outside the stage folders so answers already paid for survive a
@@ -60,7 +60,7 @@ def make_stages(cfg: RunConfig) -> list[Stage]:
             print(f"label: {failed} rows left unlabelled (counted as failed; training skips them)")
 
     stages.append(Stage("label", _settings(lab, ("data", "device", "progress", "cache", "concurrency")),
-                        run_label, label_dir, estimate_s=docs * ex.positions_per_doc * 0.3, estimate_mb=1,
+                        run_label, label_dir, estimate_s=docs * ex.positions_per_doc * 0.08, estimate_mb=1,
                         depends=["extract"], reset=lambda: clear_explanations(data_dir)))
 
     # resume=True: an interrupted training stage continues from its last checkpoint.
@@ -75,12 +75,13 @@ def make_stages(cfg: RunConfig) -> list[Stage]:
                                  "resume": True}, cfg.rl_train, "rl")
         stages.append(Stage("rl", _settings(rl, ("nla", "data", "out", "device", "resume", "progress")),
                             lambda: train_rl(rl), rl_dir,
-                            estimate_s=600, estimate_mb=60, depends=["sft"]))
+                            estimate_s=_rl_estimate(rl), estimate_mb=60, depends=["sft"]))
         last_bundle = rl_dir
     ev = _resolve(EvalConfig, {**shared, "nla": str(last_bundle), "data": str(data_dir), "out": str(eval_dir)},
                   cfg.eval, "eval")
     stages.append(Stage("eval", _settings(ev, ("nla", "data", "out", "device", "progress")), lambda: run_eval(ev), eval_dir,
-                        estimate_s=240, estimate_mb=5, depends=["rl" if cfg.rl else "sft"]))
+                        estimate_s=(ev.max_rows or 256) * 1.5 * (1 + ev.best_of), estimate_mb=5,
+                        depends=["rl" if cfg.rl else "sft"]))
     return stages
 
 
@@ -99,8 +100,18 @@ def clear_explanations(data_dir: Path) -> None:
 
 
 def _sft_estimate(sft: Any) -> float:
-    steps = getattr(sft, "av_steps", 0) + getattr(sft, "ar_steps", 0)
-    return float(steps) * 1.0 if steps else 1200.0
+    """Seconds, from the embedded default on 2 CPU cores (8-row steps: AV ~7.5 s, AR ~2.2 s)."""
+    if sft.max_steps is None:
+        return 1200.0
+    ar_steps = sft.ar_max_steps if sft.ar_max_steps is not None else sft.max_steps
+    scale = sft.batch_size * sft.grad_accum / 8
+    return 60.0 + scale * (7.5 * sft.max_steps + 2.2 * ar_steps)
+
+
+def _rl_estimate(rl: Any) -> float:
+    """Seconds, from the embedded default on 2 CPU cores (~52 s per step of 16 rollouts)."""
+    rollouts = rl.batch_size * rl.group_size
+    return 60.0 + rl.steps * 52.0 * rollouts / 16 * rl.max_new_tokens / 112 + 2 * rl.eval_rows * 0.8
 
 
 def summarize_run(cfg: RunConfig) -> dict[str, Any]:

@@ -269,3 +269,23 @@ def test_load_vectors_refuses_pickles_and_junk(tmp_path: Path) -> None:
         load_vectors(tmp_path / "v.csv")
     with pytest.raises(NLAError, match="file not found"):
         load_vectors(tmp_path / "missing.npy")
+
+
+def test_merge_adapters_keeps_outputs_and_saves_full(tiny_dataset: Path, tmp_path: Path) -> None:
+    nla = NLA.initialize(dataset=tiny_dataset, lora=LoraSettings(r=4), device="cpu")
+    _randomise_lora(nla)
+    nla.av_model.eval()
+    nla.ar.eval()
+    vecs = torch.randn(3, nla.meta.d_model, generator=torch.Generator().manual_seed(1))
+    before_text = [o[0].token_ids for o in nla.verbalize(vecs, max_new_tokens=8)]
+    before_vec = nla.reconstruct(TEXTS)
+    nla.merge_adapters()
+    assert (nla.meta.av_format, nla.meta.ar_format) == ("full", "full")
+    assert not any("lora" in name for name, _ in nla.av_model.named_parameters())
+    assert [o[0].token_ids for o in nla.verbalize(vecs, max_new_tokens=8)] == before_text
+    torch.testing.assert_close(nla.reconstruct(TEXTS), before_vec, rtol=1e-4, atol=1e-4)
+    nla.merge_adapters()  # a second call has nothing left to merge
+    nla.save_pretrained(tmp_path / "merged")
+    assert not (tmp_path / "merged" / "av" / "adapter_config.json").exists()
+    again = NLA.from_pretrained(tmp_path / "merged", device="cpu")
+    torch.testing.assert_close(again.reconstruct(TEXTS), before_vec, rtol=1e-4, atol=1e-4)

@@ -32,6 +32,9 @@ def test_well_formed_answers_parse() -> None:
     text = f"Let me think. <analysis>\n\n1. {F1}\n2) {F2}\n</analysis>\n"
     assert parse_analysis(text) == [F1, F2]
     assert parse_analysis(f"<ANALYSIS>\n* {F1}\n• {F2}\n</ANALYSIS>") == [F1, F2]
+    # a tag-like string inside a quotation is content (the passage quoted it), not a stray tag
+    quoting = 'It ends with "\'<subject> == NAME", and the model predicts "1" next.'
+    assert parse_analysis(f"<analysis>\n- {F1}\n- {quoting}\n</analysis>") == [F1, quoting]
     # the last block counts when a model quotes the tags first
     quoted = f"I will write <analysis>...</analysis>. <analysis>\n- {F1}\n- {F2}\n</analysis>"
     assert parse_analysis(quoted) == [F1, F2]

@@ -277,6 +277,8 @@ def test_bad_settings_are_one_line_errors(warm_start: Path, tiny_dataset: Path, 
         RLTrainer(RLConfig(nla=str(warm_start), data=str(tiny_dataset), out=str(tmp_path), group_size=1))
     with pytest.raises(NLAError, match="--nla is required"):
         RLTrainer(RLConfig(data=str(tiny_dataset), out=str(tmp_path)))
+    with pytest.raises(NLAError, match="--eval-split 'rl': choose a held-out split"):
+        RLTrainer(RLConfig(nla=str(warm_start), data=str(tiny_dataset), out=str(tmp_path), eval_split="rl"))
     assert main([*base, "--reward", "nope"]) == 2
     assert main([*base, "--reward", "neg_mse", "contrastive", "--reward-weights", "1"]) == 2
     assert main([*base, "--generation-backend", "vllm"]) == 2

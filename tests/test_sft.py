@@ -303,3 +303,5 @@ def test_unlabelled_dataset_and_bad_settings_are_one_line_errors(tiny_dataset: P
         train_sft(cfg_for(tiny_dataset, tmp_path / "p", precision="fp8"))
     with pytest.raises(NLAError, match="dataset not found"):
         train_sft(cfg_for(tmp_path / "missing", tmp_path / "q"))
+    with pytest.raises(NLAError, match="--eval-split 'test' is not a split"):
+        train_sft(cfg_for(tiny_dataset, tmp_path / "s", eval_split="test"))

@@ -671,6 +671,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "eval_config.yaml")
     nla = NLA.from_pretrained(cfg.nla, dtype=cfg.dtype, device=cfg.device)
+    nla.merge_adapters()  # eval never trains: merged LoRA generates faster
     teacher = make_eval_teacher(cfg, nla.meta.base_model)
     fingerprint = bundle_fingerprint(cfg.nla) if Path(cfg.nla).is_dir() else str(cfg.nla)
     result = evaluate(nla, ds, cfg, cache_dir=out / "cache", fingerprint=fingerprint, teacher=teacher)

@@ -47,6 +47,8 @@ def build_messages(context: str) -> list[dict[str, str]]:
 
 
 _BLOCK = re.compile(r"<analysis>(.*?)</analysis>", re.DOTALL | re.IGNORECASE)
+_TAG = re.compile(r"</?\s*[a-z_]+\s*>", re.IGNORECASE)
+_QUOTED = re.compile(r'"[^"]*"')
 # "- x", "* x", "• x", "1. x", "2) x", "Feature 1: x" — the shapes chat models write lists in.
 _BULLET = re.compile(r"^\s*(?:[-*•–]\s+|\d+[.)]\s+|feature\s*\d+\s*[:.)-]\s*)", re.IGNORECASE)
 
@@ -69,7 +71,9 @@ def parse_analysis(text: str | None) -> list[str] | None:
         line = " ".join(line.split())
         if not line:
             continue
-        if "<" in line and re.search(r"</?\s*[a-z_]+\s*>", line, re.IGNORECASE):
+        # A tag inside a quotation is quoted text (documentation quotes "<subject>"), not a
+        # stray tag of the answer's format.
+        if "<" in line and _TAG.search(_QUOTED.sub("", line)):
             return None
         if not MIN_WORDS <= len(line.split()) <= MAX_WORDS:
             return None

@@ -93,6 +93,7 @@ class RLConfig:
     ar_batch_size: int = opt(32, help="explanations per AR step")
     collapse_threshold: float = opt(0.5, help="mode-collapse alarm when the distinct-explanation rate drops below this")
     eval_rows: int = opt(64, help="eval-split vectors for the round-trip fve_nrm before/after RL (0: skip)")
+    eval_split: str = opt("eval", help="split of that before/after figure (never `rl`, the training split)")
     save_every: int = opt(50, help="checkpoint every N steps (and at the end)")
     keep_checkpoints: int = opt(2, help="checkpoints kept")
     resume: bool = opt(False, help="continue from the last checkpoint in --out")
@@ -219,7 +220,7 @@ def distinct_rate(texts: list[str]) -> float:
 class RLTrainer:
     def __init__(self, cfg: RLConfig, *, rewards: list[tuple[RewardFn, float]] | None = None):
         from nla.bundle import NLA
-        from nla.data.store import ActivationDataset
+        from nla.data.store import SPLITS, ActivationDataset
 
         self.cfg = cfg
         for name in ("nla", "data", "out"):
@@ -227,6 +228,9 @@ class RLTrainer:
                 raise NLAError(f"--{name} is required")
         if cfg.batch_size < 1 or cfg.group_size < 2:
             raise NLAError("need --batch-size >= 1 and --group-size >= 2 (a group of 1 has no baseline)")
+        if cfg.eval_split not in SPLITS or cfg.eval_split == "rl":
+            raise NLAError(f"--eval-split {cfg.eval_split!r}: choose a held-out split other than 'rl' "
+                           f"({', '.join(s for s in SPLITS if s != 'rl')})")
         if cfg.updates_per_batch < 1:
             raise NLAError(f"--updates-per-batch must be >= 1, got {cfg.updates_per_batch}")
         self.out = Path(cfg.out)
@@ -241,7 +245,7 @@ class RLTrainer:
         self.vectors = self.ds.vectors("rl")
         if len(self.vectors) == 0:
             raise NLAError(f"{cfg.data}: no rows in the 'rl' split")
-        self.eval_vectors = self.ds.vectors("eval")[: cfg.eval_rows] if cfg.eval_rows else torch.zeros(0)
+        self.eval_vectors = self.ds.vectors(cfg.eval_split)[: cfg.eval_rows] if cfg.eval_rows else torch.zeros(0)
         self.mean = self.ds.mean_vector()
         self.ref = prepare_policy(self.nla, cfg)
         self.device = self.nla.device
@@ -485,7 +489,7 @@ class RLTrainer:
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Held-out round trip (greedy AV → AR) on the eval split: the before/after figure."""
+        """Held-out round trip (greedy AV → AR) on ``--eval-split``: the before/after figure."""
         if len(self.eval_vectors) == 0:
             return {}
         return evaluate_round_trip(self.nla, self.eval_vectors, self.mean, self.cfg.max_new_tokens)

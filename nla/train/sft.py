@@ -70,6 +70,7 @@ class SFTConfig:
     group_by_length: bool = opt(True, help="batch rows of similar length together (less padding)")
     eval_every: int = opt(50, help="evaluate on the `eval` split every N steps (0: only at start and end)")
     eval_rows: int = opt(128, help="held-out rows used per evaluation")
+    eval_split: str = opt("eval", help="split evaluated during training; tune settings with `rl` so `eval` stays untouched")
     save_every: int = opt(100, help="save a checkpoint (a complete bundle) every N steps (0: only at the end)")
     keep_checkpoints: int = opt(2, help="checkpoints kept per model")
     log_every: int = opt(1, help="write train metrics every N steps")
@@ -350,7 +351,7 @@ def start_bundle(cfg: SFTConfig, device: torch.device) -> Any:
 def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
     """Train the AV and/or the AR; returns the trained :class:`~nla.bundle.NLA` (also saved in ``--out``)."""
     from nla.bundle import NLA
-    from nla.data.store import ActivationDataset
+    from nla.data.store import SPLITS, ActivationDataset
 
     targets = list(targets or TARGETS)
     for t in targets:
@@ -362,6 +363,8 @@ def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
         raise NLAError("train: --out is required")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise NLAError("train: --batch-size and --grad-accum must be ≥ 1")
+    if cfg.eval_split not in SPLITS:
+        raise NLAError(f"train: --eval-split {cfg.eval_split!r} is not a split (choose from {', '.join(SPLITS)})")
     dataset = ActivationDataset.open(cfg.data)
     accelerator = make_accelerator(cfg)
     device = accelerator.device
@@ -435,7 +438,7 @@ def _train_phase(cfg: SFTConfig, target: str, nla: Any, dataset: Any, accelerato
     rows, vectors = labelled(with_tags(dataset, task.split), dataset.vectors(task.split))
     if not rows:
         raise NLAError(f"{cfg.data}: no labelled rows in split {task.split!r}; run `nla label --data {cfg.data}` first")
-    eval_rows, eval_vectors = labelled(with_tags(dataset, "eval"), dataset.vectors("eval"))
+    eval_rows, eval_vectors = labelled(with_tags(dataset, cfg.eval_split), dataset.vectors(cfg.eval_split))
     eval_rows, eval_vectors = eval_rows[: cfg.eval_rows], eval_vectors[: cfg.eval_rows]
     examples = task.examples(rows)
     eval_examples = task.examples(eval_rows)
