@@ -311,7 +311,7 @@ class NLA:
         self.meta.av_format = self.meta.ar_format = "peft"
 
     def merge_adapters(self) -> None:
-        """Fold LoRA adapters into the weights, for inference only (eval, serving).
+        """Fold LoRA adapters into the weights, for inference only (`nla eval` does this).
 
         Unmerged LoRA costs two extra small matmuls per adapted layer per generated token,
         which on a CPU is a large share of the AV's generation time. The result is an

@@ -68,7 +68,7 @@ class SFTConfig:
     max_length: int = opt(256, help="longest training sequence in tokens (AV answers are cut, AR inputs cut in the middle)")
     gradient_checkpointing: bool = opt(False, help="recompute activations in the backward pass (less memory, ~30% slower)")
     group_by_length: bool = opt(True, help="batch rows of similar length together (less padding)")
-    eval_every: int = opt(50, help="evaluate on the `eval` split every N steps (0: only at start and end)")
+    eval_every: int = opt(50, help="evaluate on --eval-split every N steps (0: only at start and end)")
     eval_rows: int = opt(128, help="held-out rows used per evaluation")
     eval_split: str = opt("eval", help="split evaluated during training; tune settings with `rl` so `eval` stays untouched")
     save_every: int = opt(100, help="save a checkpoint (a complete bundle) every N steps (0: only at the end)")
