@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -104,24 +105,77 @@ def trl_run(data: Path, run: Path, steps: int, batch_size: int) -> float:
     return sum(counted[1:steps]) / sum(times[1:steps])
 
 
-def ar_memory(model: str) -> None:
-    from nla.bundle import NLA
+def _resident_bytes() -> int:
+    import gc
 
-    nla = NLA.initialize(model, device="cpu")
-    full = sum(p.numel() * p.element_size() for p in nla.av_model.parameters())
+    gc.collect()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status (the memory measurement needs Linux)")
+
+
+def resident_after_load(model: str, what: str) -> None:
+    """Child process: load ``what`` and print its resident memory in bytes."""
+    from nla.bundle import NLA, LoraSettings
+    from nla.models.loading import canonical_spec, load_model
+
+    torch.set_num_threads(1)
+    # Forward passes touch every weight: a lazily mapped checkpoint is not resident until used.
+    with torch.no_grad():
+        if what == "av":
+            av, tokenizer = load_model(canonical_spec(model), device="cpu")
+            av(torch.tensor([tokenizer.encode("a short text")]))
+        else:
+            nla = NLA.initialize(model, lora=LoraSettings(r=16), device="cpu")
+            if what == "nla-unshared":
+                nla.unshare_frozen_base()
+            nla.av_model(torch.tensor([nla.tokenizer.encode("a short text")]))
+            nla.reconstruct(["a short text"])
+    print(_resident_bytes())
+
+
+def _measure_in_child(model: str, what: str) -> int:
+    out = subprocess.run([sys.executable, __file__, "--model", model, "--resident", what],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def ar_memory(model: str) -> None:
+    """Parameter memory of the AR, standalone and inside a LoRA bundle, and resident memory."""
+    from nla.bundle import NLA, LoraSettings
+    from nla.models.sharing import unique_parameter_bytes
+
+    nla = NLA.initialize(model, lora=LoraSettings(r=16), device="cpu")
+    av = _unwrap_peft(nla.av_model)
+    full = unique_parameter_bytes(av) - _lora_bytes(nla.av_model)
     head = sum(p.numel() * p.element_size() for p in nla.ar.value_head.parameters())
-    ar = sum(p.numel() * p.element_size() for p in nla.ar.parameters())
     k, n = nla.meta.layer_index, nla.meta.n_layers
     bound = (k + 1) / n * full + head
-    emb = sum(p.numel() * p.element_size() for p in nla.av_model.get_input_embeddings().parameters())
-    print(f"AR parameter memory: {ar / 2**20:.1f} MiB (blocks 0..{k} + embeddings + head) vs full model "
-          f"{full / 2**20:.1f} MiB: ratio {ar / full:.3f}; bound (K+1)/n_layers·full + head = "
-          f"{bound / 2**20:.1f} MiB -> {'within' if ar <= bound else 'over'} bound"
-          f" (embeddings {emb / 2**20:.1f} MiB are counted once in both)")
-    blocks_ar = ar - head - emb
-    blocks_full = full - emb
-    print(f"  transformer blocks only: AR {blocks_ar / 2**20:.1f} MiB = {blocks_ar / blocks_full:.3f} of full "
-          f"(K+1)/n_layers = {(k + 1) / n:.3f}")
+    with_av = unique_parameter_bytes(nla.av_model, nla.ar) - unique_parameter_bytes(nla.av_model)
+    nla.unshare_frozen_base()
+    standalone = unique_parameter_bytes(nla.ar) - _lora_bytes(nla.ar.trunk)
+    emb = sum(p.numel() * p.element_size() for p in av.get_input_embeddings().parameters())
+    mib = 2**20
+    print(f"model {model}: K = {k} of {n} blocks, base parameters {full / mib:.1f} MiB "
+          f"(input embedding {emb / mib:.1f} MiB), value head {head / mib:.2f} MiB; "
+          f"bound (K+1)/n_layers x base + head = {bound / mib:.1f} MiB ({bound / full:.3f})")
+    print(f"  standalone AR (blocks 0..K + embedding + head): {standalone / mib:.1f} MiB = "
+          f"{standalone / full:.3f} of the base -> {'within' if standalone <= bound else 'over'} the bound")
+    print(f"  AR inside a LoRA r=16 bundle, beyond the AV (frozen base shared): {with_av / mib:.2f} MiB = "
+          f"{with_av / full:.3f} of the base -> {'within' if with_av <= bound else 'over'} the bound")
+    rss = {what: _measure_in_child(model, what) for what in ("av", "nla", "nla-unshared")}
+    print(f"  resident memory after load and one forward pass: AV alone {rss['av'] / mib:.0f} MiB, LoRA bundle "
+          f"{rss['nla'] / mib:.0f} MiB (AR adds {(rss['nla'] - rss['av']) / mib:.0f} MiB), unshared "
+          f"{rss['nla-unshared'] / mib:.0f} MiB (AR adds {(rss['nla-unshared'] - rss['av']) / mib:.0f} MiB)")
+
+
+def _unwrap_peft(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _lora_bytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "lora_" in name)
 
 
 def main() -> None:
@@ -131,7 +185,15 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=48)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--memory-only", action="store_true", help="only the AR memory part (no TRL needed)")
+    ap.add_argument("--resident", choices=("av", "nla", "nla-unshared"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.resident:
+        resident_after_load(args.model, args.resident)
+        return
+    if args.memory_only:
+        ar_memory(args.model)
+        return
     try:
         import trl
     except ImportError:

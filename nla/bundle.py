@@ -33,6 +33,7 @@ from nla.models.prompts import (
     user_content,
 )
 from nla.models.reconstructor import Reconstructor, load_trunk
+from nla.models.sharing import SharedParameter, share_frozen_base, unshare
 from nla.models.verbalizer import InjectionSettings, Verbalization, Verbalizer
 
 BUNDLE_KIND = "nla_bundle"
@@ -220,6 +221,7 @@ class NLA:
             av_model, tokenizer, meta.tokens, meta.prompt_templates["av"], meta.injection, meta.d_model
         )
         self._base: Any = None
+        self._shared: list[SharedParameter] = []
 
     @property
     def device(self) -> torch.device:
@@ -309,6 +311,21 @@ class NLA:
         self.ar.trunk = get_peft_model(self.ar.trunk, lora.peft_config())
         self.verbalizer.model = self.av_model
         self.meta.av_format = self.meta.ar_format = "peft"
+        self.share_frozen_base()
+
+    def share_frozen_base(self) -> int:
+        """Hold the base weights the AV and the AR trunk both freeze once; returns bytes saved.
+
+        Done on load and by :meth:`add_lora`: a LoRA AR then costs only its adapter and value
+        head beyond the AV (see :mod:`nla.models.sharing`). Outputs are bit-identical.
+        """
+        if not self._shared:
+            self._shared = share_frozen_base(self.av_model, self.ar.trunk)
+        return sum(getattr(s.owner, s.name).numel() * getattr(s.owner, s.name).element_size() for s in self._shared)
+
+    def unshare_frozen_base(self) -> None:
+        """Give the AR trunk its own base weights again (before anything edits weights in place)."""
+        unshare(self._shared)
 
     def merge_adapters(self) -> None:
         """Fold LoRA adapters into the weights, for inference only (`nla eval` does this).
@@ -322,6 +339,8 @@ class NLA:
         """
         from peft import PeftModel
 
+        # Merging writes into the base weights, which the AR may be sharing with the AV.
+        self.unshare_frozen_base()
         if isinstance(self.av_model, PeftModel):
             self.av_model = self.av_model.merge_and_unload()
             self.verbalizer.model = self.av_model
@@ -404,7 +423,9 @@ class NLA:
             av_model.eval()
             ar.eval()
         mean = load_file(str(root / MEAN_VECTOR))["mean"].float() if (root / MEAN_VECTOR).exists() else None
-        return cls(meta, av_model, ar, tokenizer, mean)
+        nla = cls(meta, av_model, ar, tokenizer, mean)
+        nla.share_frozen_base()
+        return nla
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the bundle atomically enough: into ``path.tmp`` then swapped in place."""

@@ -289,3 +289,51 @@ def test_merge_adapters_keeps_outputs_and_saves_full(tiny_dataset: Path, tmp_pat
     assert not (tmp_path / "merged" / "av" / "adapter_config.json").exists()
     again = NLA.from_pretrained(tmp_path / "merged", device="cpu")
     torch.testing.assert_close(again.reconstruct(TEXTS), before_vec, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_bundle_holds_the_frozen_base_once(tiny_dataset: Path, tmp_path: Path) -> None:
+    from nla.models.sharing import unique_parameter_bytes
+
+    nla = NLA.initialize(dataset=tiny_dataset, lora=LoraSettings(r=4), device="cpu")
+    _randomise_lora(nla)
+    nla.av_model.eval()
+    nla.ar.eval()
+    av_emb = nla.av_model.get_input_embeddings().weight
+    assert nla.ar.trunk.get_input_embeddings().weight is av_emb
+    av_bytes = unique_parameter_bytes(nla.av_model)
+    head = nla.ar.value_head.weight
+    extra = unique_parameter_bytes(nla.av_model, nla.ar) - av_bytes
+    lora_ar = sum(p.numel() * p.element_size() for n, p in nla.ar.trunk.named_parameters() if "lora_" in n)
+    # Beyond the AV, the AR holds its adapter and value head and nothing else.
+    assert extra == lora_ar + head.numel() * head.element_size()
+    shared_vec = nla.reconstruct(TEXTS)
+    vecs = torch.randn(2, nla.meta.d_model, generator=torch.Generator().manual_seed(3))
+    shared_text = [o[0].token_ids for o in nla.verbalize(vecs, max_new_tokens=6)]
+
+    # A step on the AR's trainable parameters leaves the AV as it was.
+    nla.ar.train()
+    opt = torch.optim.SGD([p for p in nla.ar.parameters() if p.requires_grad], lr=0.5)
+    ids, mask = nla.ar.encode(TEXTS)
+    nla.ar(ids, mask).pow(2).mean().backward()
+    opt.step()
+    nla.ar.eval()
+    assert [o[0].token_ids for o in nla.verbalize(vecs, max_new_tokens=6)] == shared_text
+    assert nla.ar.trunk.get_input_embeddings().weight is av_emb
+
+    # Unsharing copies, changes no output, and a saved bundle shares again on load.
+    after_step = nla.reconstruct(TEXTS)
+    assert not torch.equal(after_step, shared_vec)
+    nla.unshare_frozen_base()
+    assert nla.ar.trunk.get_input_embeddings().weight is not av_emb
+    assert torch.equal(nla.reconstruct(TEXTS), after_step)
+    assert unique_parameter_bytes(nla.av_model, nla.ar) - av_bytes > extra
+    nla.save_pretrained(tmp_path / "run")
+    again = NLA.from_pretrained(tmp_path / "run", device="cpu")
+    assert again.ar.trunk.get_input_embeddings().weight is again.av_model.get_input_embeddings().weight
+    assert torch.equal(again.reconstruct(TEXTS), after_step)
+
+
+def test_full_bundles_share_nothing(tiny_dataset: Path) -> None:
+    nla = NLA.initialize(dataset=tiny_dataset, device="cpu")
+    assert nla.share_frozen_base() == 0
+    assert nla.ar.trunk.get_input_embeddings().weight is not nla.av_model.get_input_embeddings().weight

@@ -146,8 +146,13 @@ def test_lora_reference_is_the_warm_start_not_the_base(warm_start: Path, tiny_da
             base, _ = completion_logprobs(warm.av_model, inj, vb.prompt_ids(), comp, vec, 1.0, pad)
     assert not torch.allclose(expected, base, atol=1e-4)  # the warm-start adapter does something
     cfg = RLConfig(nla=str(warm_start), data=str(tiny_dataset), out=str(tmp_path / "r"), lora_r=4)
+    recon = warm.reconstruct(["a loop over a list", "x"])
+    assert warm.ar.trunk.get_input_embeddings().weight is warm.av_model.get_input_embeddings().weight
     ref = prepare_policy(warm, cfg)
     assert ref is None  # no second copy: the adapter-off policy is the reference
+    # Merging the warm-start adapter rewrote the AV's base weights; the AR stopped sharing
+    # them first, so it still computes what it did.
+    assert torch.equal(warm.reconstruct(["a loop over a list", "x"]), recon)
     with torch.no_grad():
         for name, p in warm.av_model.named_parameters():
             if "lora_B" in name:

@@ -126,6 +126,9 @@ def _is_peft(model: Any) -> bool:
 
 def prepare_policy(nla: Any, cfg: RLConfig) -> Any:
     """Turn the warm-start AV into the RL policy; returns the frozen reference (None: adapter-off)."""
+    # The policy's base weights change below (merge, or full fine-tuning): the AR must stop
+    # sharing them first.
+    nla.unshare_frozen_base()
     av = nla.av_model
     if _is_peft(av):
         # The warm-start adapter becomes part of the weights, so "adapter disabled" below means

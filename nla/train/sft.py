@@ -394,6 +394,10 @@ def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
             elif nla is None:
                 nla = NLA.from_pretrained(done_ck, device=str(device), is_trainable=True) if done_ck else \
                     start_bundle(cfg, device)
+            if is_fsdp(accelerator):
+                # FSDP flattens and shards each wrapped model's parameters in place; a tensor
+                # the other model also points at would be torn out from under it.
+                nla.unshare_frozen_base()
             finished = _train_phase(cfg, target, nla, dataset, accelerator, logger, ck, budget)
             if not finished:
                 if accelerator.is_main_process:
