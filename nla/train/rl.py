@@ -557,6 +557,10 @@ def evaluate_round_trip(nla: Any, vectors: torch.Tensor, mean: torch.Tensor, max
         nla.av_model.train(was)
     texts = [e if e is not None else r for e, r in zip(trip.explanations, trip.raw)]
     out: dict[str, Any] = {f"eval_{k}": v for k, v in metrics.summarize(trip.reconstructions, vectors, mean).items()}
+    # fve_nrm alone can rise by hedging towards the mean; retrieval and the shuffled gap say
+    # whether the explanations still single out their own vector.
+    out["eval_top1"] = metrics.top1_retrieval(trip.reconstructions, vectors)
+    out["eval_shuffled_gap"] = metrics.shuffled_gap(trip.reconstructions, vectors)
     out["eval_distinct_rate"] = distinct_rate(texts)
     out["eval_unparseable"] = sum(e is None for e in trip.explanations) / max(len(texts), 1)
     out["eval_example"] = texts[0][:200] if texts else ""
@@ -580,6 +584,11 @@ def summarize_run(run_dir: Path, collapse_threshold: float) -> dict[str, Any]:
     if len(evals) >= 1:
         summary["eval_before"] = {k: v for k, v in evals[0].items() if k.startswith("eval_")}
         summary["eval_after"] = {k: v for k, v in evals[-1].items() if k.startswith("eval_")}
+    summary["hedging"] = _hedging(summary.get("eval_before", {}), summary.get("eval_after", {}))
+    if summary["hedging"]:
+        print("nla train rl: WARNING held-out fve_nrm rose while top-1 retrieval fell beyond noise: the gain "
+              "is hedging towards the mean, not more informative explanations (docs/rl.md, 'AR hedging')",
+              file=sys.stderr)
     last_eval_distinct = evals[-1].get("eval_distinct_rate", 1.0) if evals else 1.0
     summary["collapsed"] = bool((train and train[-1]["distinct_rate"] < collapse_threshold)
                                 or last_eval_distinct < collapse_threshold)
@@ -587,6 +596,16 @@ def summarize_run(run_dir: Path, collapse_threshold: float) -> dict[str, Any]:
         print(f"nla train rl: WARNING the run ended mode-collapsed (distinct-explanation rate below "
               f"{collapse_threshold:.0%}); see {run_dir / loop.METRICS_FILE}", file=sys.stderr)
     return summary
+
+
+def _hedging(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """fve_nrm up while top-1 retrieval fell by more than two standard errors of its rate."""
+    keys = ("eval_fve_nrm", "eval_top1", "eval_n")
+    if not all(isinstance(d.get(k), (int, float)) for d in (before, after) for k in keys):
+        return False
+    p, n = float(before["eval_top1"]), max(int(before["eval_n"]), 1)
+    noise = 2 * math.sqrt(max(p * (1 - p), 1 / n) / n)
+    return bool(after["eval_fve_nrm"] > before["eval_fve_nrm"] and after["eval_top1"] < p - noise)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -616,12 +635,14 @@ def cmd_rl(args: Any) -> int:
 
     cfg = resolve_config(RLConfig, args, section="rl")
     summary = train_rl(cfg)
-    keys = ("reward_first", "reward_last", "collapsed")
+    keys = ("reward_first", "reward_last", "collapsed", "hedging")
     print(" ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}"
                    for k in keys))
     for when in ("eval_before", "eval_after"):
         if when in summary:
             print(f"{when}: fve_nrm={summary[when].get('eval_fve_nrm', math.nan):.4f} "
+                  f"top1={summary[when].get('eval_top1', math.nan):.3f} "
+                  f"shuffled_gap={summary[when].get('eval_shuffled_gap', math.nan):.3f} "
                   f"distinct={summary[when].get('eval_distinct_rate', math.nan):.2f}")
     # A collapse is reported loudly (above, in the log and in rl_summary.json), not a crash.
     return 0
