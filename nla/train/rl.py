@@ -587,7 +587,7 @@ def summarize_run(run_dir: Path, collapse_threshold: float) -> dict[str, Any]:
     summary["hedging"] = _hedging(summary.get("eval_before", {}), summary.get("eval_after", {}))
     if summary["hedging"]:
         print("nla train rl: WARNING held-out fve_nrm rose while top-1 retrieval fell beyond noise: the gain "
-              "is hedging towards the mean, not more informative explanations (docs/rl.md, 'AR hedging')",
+              "is hedging towards the mean, not more informative explanations (docs/rl.md, 'Hedging')",
               file=sys.stderr)
     last_eval_distinct = evals[-1].get("eval_distinct_rate", 1.0) if evals else 1.0
     summary["collapsed"] = bool((train and train[-1]["distinct_rate"] < collapse_threshold)
