@@ -49,7 +49,8 @@ def share_frozen_base(av_model: Any, trunk: Any) -> list[SharedParameter]:
     shared: list[SharedParameter] = []
     body = _body(trunk)
     for full_name, p in list(body.named_parameters()):
-        if "lora_" in full_name or p.requires_grad:
+        # Offloaded weights (device "meta") have no values to compare; they stay as they are.
+        if "lora_" in full_name or p.requires_grad or p.device.type == "meta":
             continue
         q = av_params.get(_plain_name(full_name))
         if q is None or q is p or q.requires_grad or q.shape != p.shape or q.dtype != p.dtype or q.device != p.device:
