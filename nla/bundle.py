@@ -321,7 +321,8 @@ class NLA:
         """
         if not self._shared:
             self._shared = share_frozen_base(self.av_model, self.ar.trunk)
-        return sum(getattr(s.owner, s.name).numel() * getattr(s.owner, s.name).element_size() for s in self._shared)
+        shared = (getattr(s.owner, s.name) for s in self._shared)
+        return sum(p.numel() * p.element_size() for p in shared)
 
     def unshare_frozen_base(self) -> None:
         """Give the AR trunk its own base weights again (before anything edits weights in place)."""
