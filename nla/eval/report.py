@@ -42,6 +42,10 @@ COMPARE_ROWS: list[tuple[str, str]] = [
     ("teacher paraphrase Δfve_nrm", "probes.paraphrase_teacher.delta_fve_nrm"),
     ("claim ablation Δfve_nrm", "probes.claim_ablation.delta_fve_nrm"),
     ("word shuffle Δfve_nrm", "probes.word_shuffle.delta_fve_nrm"),
+    ("causal KL, reconstruction", "causal.kl.reconstruction"),
+    ("causal KL, mean ablation", "causal.kl.mean_ablation"),
+    ("causal fraction of KL recovered", "causal.fraction_recovered"),
+    ("causal drop-one-claim ΔKL", "causal.claim_ablation.delta_kl"),
     ("unparseable rate", "quality.av.unparseable_rate"),
     ("distinct rate", "quality.av.distinct_rate"),
     ("mean length (words)", "quality.av.length_words.mean"),
@@ -203,6 +207,22 @@ def make_plots(m: dict[str, Any], arrays: dict[str, Any]) -> dict[str, bytes]:
     ax.axvline(0.0, color="black", lw=1)
     ax.set_xlabel("Δ fve_nrm vs. the unedited explanation")
     out["probe_deltas"] = png(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    pairs = arrays.get("causal_kl") or []
+    if pairs:
+        recon, mean = [p[0] for p in pairs], [p[1] for p in pairs]
+        ax.scatter(mean, recon, s=10, alpha=0.6, color="C0", label="one row")
+        top = max(max(recon), max(mean)) or 1.0
+        ax.plot([0, top], [0, top], color="C3", lw=1, label="no better than μ (0 % recovered)")
+        ax.set_xlabel("KL(clean ‖ μ patched), nats")
+        ax.set_ylabel("KL(clean ‖ reconstruction patched)")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "causal block not run", ha="center", va="center", transform=ax.transAxes)
+    frac = lookup(m, "causal.fraction_recovered")
+    ax.set_title(f"causal faithfulness: {fmt(100 * frac, 1) if isinstance(frac, float) else '—'} % of KL recovered", fontsize=10)
+    out["causal_kl"] = png(fig)
     return out
 
 
@@ -357,6 +377,8 @@ def render_html(m: dict[str, Any], samples: list[dict[str, Any]], plots: dict[st
                      'paraphrase and loses it when claims go; a word shuffle that costs nothing means word identity alone carries the vector.</small></p>'
                      f'<table id="probes"><tr><th class="l">probe</th><th>fve_nrm</th><th>Δ fve_nrm</th><th class="l">note</th></tr>{body}</table>')
 
+    parts.append(_causal_section(m.get("causal") or {}))
+
     parts.append("<h2>Explanation quality</h2>")
     q = (m.get("quality") or {}).get("av") or {}
     qt = (m.get("quality") or {}).get("teacher") or {}
@@ -412,6 +434,30 @@ def render_html(m: dict[str, Any], samples: list[dict[str, Any]], plots: dict[st
         )
     parts.append("</tbody></table></body></html>")
     return "\n".join(parts)
+
+
+def _causal_section(c: dict[str, Any]) -> str:
+    """The causal block (nla/eval/causal.py): KLs, fraction recovered, per-claim ΔKL."""
+    head = "<h2>Causal faithfulness</h2>"
+    if not c.get("enabled"):
+        return head + "<p class='muted'>causal block not run (--no-causal)</p>"
+    kl = c.get("kl") or {}
+    rows = [
+        ("reconstruction of the AV's explanation", kl.get("reconstruction"), c.get("fraction_recovered"), ""),
+        ("mean ablation (μ patched in)", kl.get("mean_ablation"), 0.0 if kl.get("mean_ablation") else None, "floor, 0 % by definition"),
+        ("true vector (zero effect)", kl.get("true_vector"), c.get("fraction_recovered_true_vector"), "check: ≈ 0 KL, 100 %"),
+        ("another row's reconstruction", kl.get("shuffled_reconstruction"), c.get("fraction_recovered_shuffled"), "control"),
+    ]
+    ca = c.get("claim_ablation") or {}
+    rows.append(("drop one claim (mean ΔKL)", ca.get("delta_kl"), None, f"{ca.get('rows_with_claims', 0)} rows with 2+ claims"))
+    rows += [(f"drop claim {e['index'] + 1} (ΔKL)", e["delta_kl"], None, f"n={e['n']}") for e in ca.get("per_claim_index", [])]
+    body = "".join(f'<tr><td class="l">{_e(a)}</td>{_num_cell(b)}{_num_cell(f)}<td class="l"><small>{_e(d)}</small></td></tr>'
+                   for a, b, f, d in rows)
+    return (head + f"<p><small>Each vector is patched back into the base model at layer K (rescaled to the clean state's norm) "
+            f"and the next-token distribution compared with the clean one over {_e(c.get('n'))} rows. Fraction recovered = "
+            "1 − KL(patch)/KL(mean ablation). A positive ΔKL when a claim is dropped means the model uses what it said.</small></p>"
+            f'<table id="causal"><tr><th class="l">patched vector</th><th>KL (nats)</th><th>fraction recovered</th>'
+            f'<th class="l">note</th></tr>{body}</table>')
 
 
 # --------------------------------------------------------------------------- compare

@@ -8,8 +8,10 @@ change that breaks a reader):
 3. baselines: mean direction, shuffled activations, bag-of-words ridge;
 4. faithfulness probes: paraphrase (rules, and the teacher's when one can), claim ablation,
    word shuffle;
-5. explanation quality: lengths, distinct rate, unparseable rate, opening phrases, judge;
-6. breakdowns by document, position bucket and category columns.
+5. causal faithfulness: reconstructions patched into the base model at layer K, KL to the
+   clean next-token distribution against mean ablation (:mod:`nla.eval.causal`);
+6. explanation quality: lengths, distinct rate, unparseable rate, opening phrases, judge;
+7. breakdowns by document, position bucket and category columns.
 
 Every metric comes from :mod:`nla.metrics`; this module only decides what is compared with
 what. AV generations, the slow part, are cached under ``REPORT/cache/`` chunk by chunk, keyed
@@ -62,6 +64,8 @@ class EvalConfig:
     bootstrap: int = opt(1000, help="bootstrap resamples for the 95%% intervals of headline metrics (0: none)")
     seed: int = opt(0, help="seed for row sampling, retrieval candidates, shuffles and sampling")
     probes: bool = opt(True, help="run the faithfulness probes (paraphrase, claim ablation, word shuffle)")
+    causal: bool = opt(True, help="causal faithfulness: patch each reconstruction into the base model at layer K and "
+                       "measure the KL to the clean next-token distribution against mean ablation (--no-causal: skip)")
     teacher: str | None = opt(None, help="teacher for paraphrase-by-teacher and the LLM judge (spec as in `nla label`); it must answer free-form prompts")
     base_url: str | None = opt(None, help="API endpoint of the teacher")
     api_key_env: str | None = opt(None, help="environment variable holding the teacher's API key (never written anywhere)")
@@ -442,6 +446,19 @@ def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Pat
             notes.append(probe_block["paraphrase_teacher"]["note"])
     t = lap("probes", t)
 
+    # ---- causal faithfulness (nla/eval/causal.py)
+    causal_block: dict[str, Any] = {"enabled": False}
+    causal_rows = None
+    if cfg.causal:
+        from nla.eval.causal import causal_faithfulness
+
+        causal_block, causal_rows = causal_faithfulness(
+            nla, [r.get("context") or "" for r in rows], target, rt_pred, mean, texts, shuffled=wrong,
+            claims=cfg.probes, batch_size=cfg.batch_size, progress=cfg.progress)
+        if causal_block.get("note"):
+            notes.append(causal_block["note"])
+    t = lap("causal", t)
+
     # ---- explanation quality
     av_quality = quality(texts, answers)
     av_quality["judge"] = run_judge(teacher, rows, texts, cfg)
@@ -477,6 +494,10 @@ def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Pat
         }
         for name, per in probe_rows.items():
             s[name] = per[i]
+        if causal_rows is not None:
+            s["causal_kl"] = causal_rows.kl_recon[i]
+            s["causal_kl_mean_ablation"] = causal_rows.kl_mean[i]
+            s["causal_claim_delta_kl"] = causal_rows.claim_delta_kl[i]
         samples.append(s)
     lap("samples", t)
     timing["total"] = round(time.perf_counter() - t0, 3)
@@ -492,12 +513,13 @@ def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Pat
         "bundle": {"base_model": nla.meta.base_model, "layer_index": nla.meta.layer_index,
                    "d_model": nla.meta.d_model, "injection": nla.meta.injection.to_dict()},
         "settings": {k: getattr(cfg, k) for k in ("n_candidates", "best_of", "temperature", "top_p", "max_new_tokens",
-                                                  "batch_size", "bootstrap", "seed", "probes", "max_rows")}
+                                                  "batch_size", "bootstrap", "seed", "probes", "causal", "max_rows")}
                     | {"teacher": cfg.teacher},
         "ar_alone": ar_alone,
         "round_trip": round_trip,
         "baselines": {"mean_direction": mean_block, "shuffled_activations": shuffled, "bow_ridge": ridge_block},
         "probes": probe_block,
+        "causal": causal_block,
         "quality": {"av": av_quality, "teacher": teacher_quality},
         "breakdowns": breakdowns,
         "timing_s": timing,
@@ -506,7 +528,9 @@ def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Pat
     plots = {"rt_fve": rt_fve.tolist(), "ar_fve": list(ar_row_fve.values()),
              "positions": [r.get("position") for r in rows],
              "av_lengths": [len(t.split()) for t in texts],
-             "teacher_lengths": [len(rows[i]["explanation"].split()) for i in labelled]}
+             "teacher_lengths": [len(rows[i]["explanation"].split()) for i in labelled],
+             "causal_kl": [(a, b) for a, b in zip(causal_rows.kl_recon, causal_rows.kl_mean) if a is not None and b is not None]
+             if causal_rows is not None else []}
     return EvalResult(result, samples, plots)
 
 

@@ -1,0 +1,127 @@
+"""Causal faithfulness (nla/eval/causal.py) on a tiny model: the patch lands at layer K,
+the true vector recovers 100 %, μ recovers 0 %, noise recovers less, claim ablation is
+measured per claim, and `nla eval` reports the block (or skips it with --no-causal).
+
+Patching follows the activation-patching convention of TransformerLensOrg/TransformerLens,
+``transformer_lens/patching.py`` (a hook overwrites one position's residual stream and the
+downstream output is compared); our hook and metric are our own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_dataset
+
+from nla.bundle import NLA
+from nla.cli import main
+from nla.data.store import ActivationDataset
+from nla.eval.causal import (
+    base_lm,
+    causal_faithfulness,
+    fraction_recovered,
+    kl_div,
+    patched_logprobs,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("causal")
+    data = make_dataset(root / "data", docs=10, split="av_sft=0.2,ar_sft=0.4,rl=0.1,eval=0.3")
+    bundle = root / "bundle"
+    NLA.initialize(dataset=data, device="cpu").save_pretrained(bundle)
+    return data, bundle
+
+
+@pytest.fixture(scope="module")
+def loaded(setup: tuple[Path, Path]) -> tuple[NLA, ActivationDataset]:
+    data, bundle = setup
+    return NLA.from_pretrained(bundle, device="cpu"), ActivationDataset.open(data)
+
+
+def test_patch_is_at_block_k_output(loaded: tuple[NLA, ActivationDataset]) -> None:
+    """The state the hook replaces is hidden_states[K + 1] (docs/design.md §2), and patching it
+    with itself leaves the next-token distribution unchanged."""
+    nla, _ = loaded
+    ids = nla.tokenizer.encode("The quick brown fox jumps over the lazy dog", add_special_tokens=True)
+    with base_lm(nla) as model:
+        hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        logp, clean = patched_logprobs(model, nla.meta.layer_index, ids, hs[nla.meta.layer_index + 1][0, -1:].float())
+    assert torch.allclose(clean, hs[nla.meta.layer_index + 1][0, -1].float(), atol=1e-5)
+    assert not torch.allclose(clean, hs[nla.meta.layer_index][0, -1].float(), atol=1e-3)
+    assert float(kl_div(logp[:1], logp[1:2])) < 1e-6
+
+
+def test_true_vector_recovers_all_and_mean_none(loaded: tuple[NLA, ActivationDataset]) -> None:
+    nla, ds = loaded
+    rows, vecs = ds.rows()[:12], ds.vectors()[:12]
+    ctx = [r["context"] for r in rows]
+    mean = ds.mean_vector()
+    true_block, _ = causal_faithfulness(nla, ctx, vecs, vecs, mean)
+    mean_block, _ = causal_faithfulness(nla, ctx, vecs, mean.expand(len(vecs), -1), mean)
+    noise_block, noise_rows = causal_faithfulness(nla, ctx, vecs, torch.randn(vecs.shape, generator=torch.Generator().manual_seed(0)), mean)
+    assert true_block["rows_left_out"] == 0 and true_block["n"] == 12
+    assert true_block["kl"]["mean_ablation"] > 1e-4  # μ changes the prediction: there is something to recover
+    assert true_block["fraction_recovered"] == pytest.approx(1.0, abs=1e-3)
+    assert true_block["kl"]["true_vector"] < 1e-5
+    assert mean_block["fraction_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert noise_block["fraction_recovered"] < 0.9
+    assert all(v is not None and v >= 0 for v in noise_rows.kl_recon)
+
+
+def test_scale_of_the_patch_does_not_matter(loaded: tuple[NLA, ActivationDataset]) -> None:
+    """Only the direction is patched: the AR's output norm is not a model state's norm."""
+    nla, ds = loaded
+    rows, vecs = ds.rows()[:4], ds.vectors()[:4]
+    mean = ds.mean_vector()
+    noise = torch.randn(vecs.shape, generator=torch.Generator().manual_seed(1))
+    a, _ = causal_faithfulness(nla, [r["context"] for r in rows], vecs, noise, mean)
+    b, _ = causal_faithfulness(nla, [r["context"] for r in rows], vecs, noise * 37.0, mean)
+    assert a["kl"]["reconstruction"] == pytest.approx(b["kl"]["reconstruction"], rel=1e-4)
+
+
+def test_claim_ablation_per_claim(loaded: tuple[NLA, ActivationDataset]) -> None:
+    nla, ds = loaded
+    rows, vecs = ds.rows()[:3], ds.vectors()[:3]
+    texts = ["Python code. A function call. Documentation text.", "one claim only", "Lists. Loops. Strings."]
+    recon = nla.reconstruct(texts)
+    block, per = causal_faithfulness(nla, [r["context"] for r in rows], vecs, recon, ds.mean_vector(), texts)
+    assert [len(d) for d in per.claim_delta_kl] == [3, 0, 3]
+    ca = block["claim_ablation"]
+    assert ca["rows_with_claims"] == 2
+    assert [e["n"] for e in ca["per_claim_index"]] == [2, 2, 2]
+    # ΔKL is KL(dropped) − KL(full), recomputed here from a direct reconstruction of the dropped text.
+    dropped = nla.reconstruct(["A function call. Documentation text."])
+    direct, _ = causal_faithfulness(nla, [rows[0]["context"]], vecs[:1], dropped, ds.mean_vector())
+    assert per.claim_delta_kl[0][0] == pytest.approx(direct["kl"]["reconstruction"] - per.kl_recon[0], abs=1e-6)
+
+
+def test_fraction_recovered_edges() -> None:
+    assert fraction_recovered(0.0, 2.0) == 1.0
+    assert fraction_recovered(2.0, 2.0) == 0.0
+    assert fraction_recovered(4.0, 2.0) == -1.0
+    assert fraction_recovered(1.0, 0.0) is None
+
+
+def test_eval_reports_causal_block(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    data, bundle = setup
+    fast = ["--max-new-tokens", "8", "--best-of", "0", "--bootstrap", "0", "--no-progress", "--device", "cpu"]
+    out = tmp_path / "r"
+    assert main(["eval", "--nla", str(bundle), "--data", str(data), "--out", str(out), *fast]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    c = m["causal"]
+    assert c["enabled"] and c["n"] + c["rows_left_out"] == m["dataset"]["rows_evaluated"]
+    assert c["fraction_recovered_true_vector"] == pytest.approx(1.0, abs=1e-3)
+    assert c["kl"]["shuffled_reconstruction"] is not None
+    sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    assert "causal_kl" in sample and "causal_claim_delta_kl" in sample
+    assert (out / "plots" / "causal_kl.png").stat().st_size > 1000
+    assert 'id="causal"' in (out / "index.html").read_text()
+    skip = tmp_path / "skip"
+    assert main(["eval", "--nla", str(bundle), "--data", str(data), "--out", str(skip), "--no-causal", *fast]) == 0
+    assert json.loads((skip / "metrics.json").read_text())["causal"] == {"enabled": False}
+    assert "causal block not run" in (skip / "index.html").read_text()
