@@ -172,6 +172,17 @@ def _check_tokens(tokenizer: Any, tokens: MarkerTokens, av_template: str, where:
         raise NLAError(f"{where}: field 'tokens.right_id' is {tokens.right_id}, the live tokenizer gives {prompt[p + 1]}")
 
 
+def apply_prompt_format(tokenizer: Any, meta: BundleMeta) -> None:
+    """An imported AV trained on a raw prompt (no chat turn) keeps its recorded template.
+
+    ``extra.av_chat_template`` is a Jinja chat template written by the importer (e.g. BOS +
+    the user text as is, docs/interop.md); the verbalizer renders prompts through it.
+    """
+    template = meta.extra.get("av_chat_template")
+    if isinstance(template, str):
+        tokenizer.chat_template = template
+
+
 def load_vectors(path: str | Path) -> torch.Tensor:
     """Vectors from ``.safetensors`` (first tensor), ``.npy`` or ``.pt`` (``weights_only``)."""
     path = Path(path)
@@ -387,6 +398,7 @@ class NLA:
         torch_dtype = parse_dtype(dtype)
         tokenizer = load_tokenizer(meta.base_model) if meta.av_format == "peft" or not (root / "av" / "tokenizer_config.json").exists() \
             else load_tokenizer(str(root / "av"))
+        apply_prompt_format(tokenizer, meta)
         _check_tokens(tokenizer, meta.tokens, meta.prompt_templates["av"], str(meta_path))
         av_dir, ar_dir = root / "av", root / "ar"
         for sub in (av_dir, ar_dir):
@@ -407,6 +419,7 @@ class NLA:
         else:
             trunk = load_trunk(str(ar_dir), None, torch_dtype)
         ar = Reconstructor(trunk, tokenizer, meta.prompt_templates["ar"])
+        ar.add_special_tokens = bool(meta.extra.get("ar_add_special_tokens", True))
         head_file = ar_dir / VALUE_HEAD
         if not head_file.exists():
             raise NLAError(f"{ar_dir}: missing {VALUE_HEAD}")
@@ -505,6 +518,11 @@ class NLA:
             with self.av_model.disable_adapter(), BlockOutput(self.av_model, self.meta.layer_index) as runner:
                 return ids, block_states(runner, [ids], pad, self.device)[0]
         if self._base is None:
+            if not self.meta.base_model:
+                # An imported AV whose sidecar names no base: its own weights are fine-tuned,
+                # so reading "base" activations from it would be silently wrong.
+                raise NLAError("explain needs activations of the base model, but this NLA records none "
+                               "(base_model is empty); import it again with --base-model MODEL")
             self._base, _ = load_model(self.meta.base_model, device=str(self.device))
         with BlockOutput(self._base, self.meta.layer_index) as runner:
             return ids, block_states(runner, [ids], pad, self.device)[0]

@@ -1,4 +1,12 @@
-"""The paper's released AV/AR checkpoint pair (`kitft/nla-...-av` / `-ar`), from a tiny Qwen2."""
+"""The paper's AV/AR checkpoint pairs, from a tiny Qwen2.
+
+Two writers of kitft/natural_language_autoencoders are copied: the release sidecars
+(`kitft/nla-...-av` / `-ar`, read by its `nla_inference.py`) and the training-side sidecars of
+`nla/config.py` `write_model_sidecar` (role actor/critic, `base_checkpoint`, `stage`,
+`prompt_templates.actor/critic`, `critic.extraction_layer_index`, or `critic.num_hidden_layers`
+in schema 1). The reference recipe is `nla_inference.py` (`NLAClient._build_embeds`,
+`NLACritic.reconstruct`), re-implemented with plain transformers calls.
+"""
 
 from __future__ import annotations
 
@@ -164,7 +172,9 @@ def _edit(path: Path, change) -> None:  # type: ignore[no-untyped-def]
         ("ar", lambda m: m.update(d_model=64), "d_model"),
         ("av", lambda m: m["tokens"].update(injection_token_id=5), "tokens.injection_token_id"),
         ("av", lambda m: m["tokens"].update(injection_left_neighbor_id=5), "tokens.injection_left_neighbor_id"),
-        ("av", lambda m: m.update(schema_version=1), "schema_version"),
+        ("av", lambda m: m.update(schema_version=3), "schema_version"),
+        ("av", lambda m: m.update(role="verbalizer"), "role"),
+        ("av", lambda m: m["extraction"].update(injection_scale=None), "extraction.injection_scale"),
         ("av", lambda m: m["prompt_templates"].update(actor="other {injection_char}"), "prompt_templates"),
         ("av", lambda m: m["prompt_templates"].update(av="no placeholder"), "injection_char"),
         ("ar", lambda m: m["tokens"].update(critic_suffix_ids=[1, 2, 3]), "tokens.critic_suffix_ids"),
@@ -193,3 +203,109 @@ def test_half_without_partner_says_how_to_pass_it(tmp_path: Path) -> None:
     with pytest.raises(NLAError, match="--ar"):
         NLA.from_pretrained(av_dir)
     assert import_layout(av_dir, ar=lone).meta.layer_index == K
+
+
+def write_training_pair(root: Path, *, schema: int = 2) -> tuple[Path, Path]:
+    """The training-side files: `write_model_sidecar` sidecars next to FSDP-exported HF folders.
+
+    The critic is saved the way their `NLACriticModel.save_pretrained` does: the causal-LM
+    backbone cut to K + 1 blocks (lm_head and final norm replaced by Identity) plus
+    `value_head.safetensors`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    av_dir, ar_dir = write_pair(root)
+    src = tiny_path("qwen2")
+    tok = AutoTokenizer.from_pretrained(src)
+    critic = AutoModelForCausalLM.from_pretrained(src)
+    del critic.model.layers[K + 1:]
+    critic.config.num_hidden_layers = K + 1
+    if isinstance(getattr(critic.config, "layer_types", None), list):
+        critic.config.layer_types = critic.config.layer_types[: K + 1]
+    critic.model.norm = torch.nn.Identity()
+    perturb(critic, 2)
+    for f in ar_dir.glob("*.safetensors"):
+        if f.name != "value_head.safetensors":
+            f.unlink()
+    critic.save_pretrained(ar_dir)
+    av_old = yaml.safe_load((av_dir / "nla_meta.yaml").read_text())
+    ar_old = yaml.safe_load((ar_dir / "nla_meta.yaml").read_text())
+    d = av_old["d_model"]
+    tokens = {**av_old["tokens"], "critic_suffix_ids": ar_old["tokens"]["critic_suffix_ids"]}
+    templates = {"actor": AV_TEMPLATE, "critic": AR_TEMPLATE}
+    layer_block = {"extraction_layer_index": K} if schema == 2 else {"num_hidden_layers": K}
+
+    def sidecar(role: str, inj: float | None) -> dict:
+        meta = {"kind": "nla_model", "role": role, "stage": "rl", "base_checkpoint": src, "d_model": d,
+                "extraction": {"injection_scale": inj, "mse_scale": math.sqrt(d)}, "tokens": tokens,
+                "prompt_templates": templates, "trained_on": ["rl.parquet"], "parent_checkpoints": [],
+                "created_at": "2026-01-01T00:00:00+00:00", "created_by": "test", "critic": layer_block,
+                "training": {"rollout_id": 3, "lr": 1e-6}}
+        if schema == 2:
+            meta = {"kind": "nla_model", "schema_version": 2, **{k: v for k, v in meta.items() if k != "kind"}}
+        return meta
+
+    (av_dir / "nla_meta.yaml").write_text(yaml.safe_dump(sidecar("actor", math.sqrt(d)), allow_unicode=True))
+    (ar_dir / "nla_meta.yaml").write_text(yaml.safe_dump(sidecar("critic", None), allow_unicode=True))
+    tok.save_pretrained(ar_dir)
+    return av_dir, ar_dir
+
+
+@pytest.mark.parametrize("schema", [1, 2])
+def test_training_sidecars_import_and_record_the_base(tmp_path: Path, schema: int) -> None:
+    from nla.cli import main
+
+    av_dir, ar_dir = write_training_pair(tmp_path / "src", schema=schema)
+    out = tmp_path / "bundle"
+    assert main(["import", str(av_dir), "--out", str(out)]) == 0  # the -ar sibling pairs by name
+    nla = NLA.from_pretrained(out)
+    assert nla.meta.base_model == tiny_path("qwen2")  # base_checkpoint, not the AV folder
+    assert nla.meta.layer_index == K
+    reference_check(nla, av_dir, ar_dir)
+
+
+def test_explain_reads_activations_from_the_base_model(tmp_path: Path) -> None:
+    """A fine-tuned AV is not the base: explain() must use `base_checkpoint`'s block-K states."""
+    from transformers import AutoModelForCausalLM
+
+    av_dir, _ = write_training_pair(tmp_path)
+    nla = import_layout(av_dir)
+    text = "the cat sat on the mat"
+    ids, states = nla.base_states(text)
+
+    def block_k(path: str | Path) -> torch.Tensor:
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[K + 1][0].float()
+
+    assert torch.allclose(states, block_k(tiny_path("qwen2")), atol=1e-5)
+    assert not torch.allclose(states, block_k(av_dir), atol=1e-3)
+
+
+def test_release_without_a_base_refuses_explain_and_names_the_fix(tmp_path: Path) -> None:
+    av_dir, _ = write_pair(tmp_path)
+    nla = import_layout(av_dir)
+    assert nla.meta.base_model == ""
+    with pytest.raises(NLAError, match="--base-model"):
+        nla.explain("some text")
+    assert import_layout(av_dir, base_model="tiny:qwen2").meta.base_model == "tiny:qwen2"
+
+
+def test_a_400_token_explanation_is_read_whole_like_the_paper_critic(tmp_path: Path) -> None:
+    """`NLACritic.reconstruct` tokenizes the whole templated text; nothing is cut in the middle."""
+    from transformers import AutoModel, AutoTokenizer
+
+    av_dir, ar_dir = write_pair(tmp_path)
+    nla = import_layout(av_dir)
+    tok = AutoTokenizer.from_pretrained(ar_dir)
+    words = " ".join(f"w{i % 37} and" for i in range(400))
+    explanation = tok.decode(tok(words, add_special_tokens=False).input_ids[:400])
+    ids = tok(AR_TEMPLATE.format(explanation=explanation), add_special_tokens=True).input_ids
+    assert len(ids) > 400
+    assert nla.ar.token_ids(explanation) == ids
+    ar = AutoModel.from_pretrained(ar_dir).eval()
+    ar.norm = torch.nn.Identity()
+    with torch.no_grad():
+        hidden = ar(input_ids=torch.tensor([ids])).last_hidden_state[0, -1].float()
+    expected = apply_head(load_file(str(ar_dir / "value_head.safetensors")), hidden)
+    assert torch.allclose(nla.reconstruct([explanation])[0], expected, atol=1e-4)

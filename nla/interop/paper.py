@@ -1,24 +1,30 @@
-"""The paper's released checkpoints (e.g. ``kitft/nla-qwen2.5-7b-L20-av`` / ``-ar``).
+"""The paper's checkpoints (kitft/natural_language_autoencoders): release and training sidecars.
 
-Each of the pair is a full Hugging Face model folder with its own ``nla_meta.yaml``::
+Each of the pair is a full Hugging Face model folder with its own ``nla_meta.yaml``. Two
+writers exist and both are read (fields as their code spells them):
 
-    kind: nla_model
-    schema_version: 2
-    role: av | ar                       # optional in older files
-    d_model: 3584
-    extraction_layer_index: 20          # K = output of decoder block K (AR: also critic.extraction_layer_index)
-    extraction: {injection_scale: 150.0 | sqrt_d_model, mse_scale: 59.87 | sqrt_d_model}
-    tokens: {injection_char, injection_token_id, injection_left_neighbor_id,
-             injection_right_neighbor_id, critic_suffix_ids (optional)}
-    prompt_templates: {av: "...{injection_char}...", ar: "...{explanation}..."}
-                      # older files: actor / critic
+* release sidecars (``kitft/nla-qwen2.5-7b-L20-av`` / ``-ar``): ``role: av | ar`` (optional in
+  older files), ``prompt_templates.av / .ar``, ``extraction_layer_index`` and/or
+  ``critic.extraction_layer_index``;
+* training sidecars (their ``nla/config.py`` ``write_model_sidecar``): ``role: actor | critic``,
+  ``stage``, ``base_checkpoint``, ``prompt_templates.actor / .critic``,
+  ``critic.extraction_layer_index`` (schema 2) or ``critic.num_hidden_layers`` (schema 1, also
+  spelled ``ar.num_hidden_layers`` in their docs; despite the name it holds K), and legacy
+  extras (top-level ``layer``, ``training.num_layers``) that are read when present.
 
-Inference recipe (what the import must reproduce): the AV prompt is the ``av`` template
-formatted with the injection char, rendered through the chat template with a generation
-prompt; the embedding at the (id + both neighbours) marker is replaced by ``v * s / ||v||``.
-The AR folder is the base model cut to ``K + 1`` blocks with no final norm; its input is the
-``ar`` template formatted with the explanation, tokenized with special tokens, read at the last
-token and passed through ``value_head.safetensors`` (``Linear(d, d)``, no bias).
+Common fields: ``kind: nla_model``, ``d_model``, ``extraction: {injection_scale, mse_scale}``
+(number, ``sqrt_d_model``, or null = raw; critics carry null), ``tokens: {injection_char,
+injection_token_id, injection_left_neighbor_id, injection_right_neighbor_id,
+critic_suffix_ids}``.
+
+Inference recipe (their ``nla_inference.py``, what the import reproduces): the AV prompt is
+the actor template formatted with the injection char, rendered through the chat template
+with a generation prompt; the embedding output at the (id + both neighbours) marker is
+replaced by ``v * s / ||v||``. The AR folder is the base cut to ``K + 1`` blocks with no final
+norm; its input is the critic template formatted with the whole explanation (no cut),
+tokenized with special tokens, read at the last token and passed through
+``value_head.safetensors`` (``Linear(d, d)``, no bias). ``explain`` reads activations from
+``base_checkpoint`` (or the registry's / ``--base-model``'s base), never from the AV.
 """
 
 from __future__ import annotations
@@ -45,19 +51,39 @@ from nla.models.injection import MarkerTokens
 from nla.models.verbalizer import InjectionSettings
 
 KIND = "nla_model"
-SCHEMA_VERSION = 2
+SCHEMA_VERSIONS = (1, 2)
+ROLES = {"av": "av", "actor": "av", "ar": "ar", "critic": "ar"}
+# Where each writer put K (first hit wins; all present values must agree).
+LAYER_FIELDS = ("critic.extraction_layer_index", "critic.num_hidden_layers", "ar.num_hidden_layers",
+                "extraction_layer_index", "extraction.layer_index", "layer")
 FIELD_NAMES = {"tokens.marker_id": "tokens.injection_token_id", "tokens.left_id": "tokens.injection_left_neighbor_id",
                "tokens.right_id": "tokens.injection_right_neighbor_id"}
 
 
 def _role(root: Path, data: dict[str, Any]) -> str:
+    """``av`` or ``ar``: release files say av/ar, training files actor/critic."""
     role = data.get("role")
     if role is not None:
-        if role not in ("av", "ar"):
-            raise NLAError(f"{root / META_NAME}: field 'role' has invalid value {role!r} (expected av or ar)")
-        return str(role)
+        if role not in ROLES:
+            raise NLAError(f"{root / META_NAME}: field 'role' has invalid value {role!r} "
+                           f"(expected one of {', '.join(ROLES)})")
+        return ROLES[role]
     # Older sidecars have no role: the AR is the folder that carries a value head.
     return "ar" if (root / "value_head.safetensors").exists() else "av"
+
+
+def _dig(data: dict[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def layer_fields(data: dict[str, Any], label: str) -> dict[str, Any]:
+    """Every spelling of K present in one sidecar, keyed ``field (label)`` for error messages."""
+    return {f"{name} ({label})": _dig(data, name) for name in LAYER_FIELDS}
 
 
 def is_paper_dir(root: Path) -> bool:
@@ -108,12 +134,15 @@ def _check_header(data: dict[str, Any], where: Path) -> None:
     kind = require(data, "kind", where, str)
     if kind != KIND:
         raise NLAError(f"{where}: field 'kind' is {kind!r}, expected {KIND!r}")
-    version = require(data, "schema_version", where, int)
-    if version != SCHEMA_VERSION:
-        raise NLAError(f"{where}: field 'schema_version' is {version}, this importer reads {SCHEMA_VERSION}")
+    # Training sidecars written before schema_version existed have none: they are schema 1.
+    version = data.get("schema_version", 1)
+    if version not in SCHEMA_VERSIONS:
+        raise NLAError(f"{where}: field 'schema_version' is {version!r}, this importer reads "
+                       f"{' or '.join(map(str, SCHEMA_VERSIONS))}")
 
 
-def read_meta(av_dir: Path, ar_dir: Path, base_model: str | None = None) -> tuple[Any, list[int] | None]:
+def read_meta(av_dir: Path, ar_dir: Path, base_model: str | None = None,
+              injection_scale: float | str | None = None) -> tuple[Any, list[int] | None]:
     """The pair's two sidecars merged into our :class:`BundleMeta` (every conflict named)."""
     from nla.bundle import BundleMeta
 
@@ -129,12 +158,7 @@ def read_meta(av_dir: Path, ar_dir: Path, base_model: str | None = None) -> tupl
     if not isinstance(d_model, int) or isinstance(d_model, bool) or d_model <= 0:
         raise NLAError(f"{av_where}: field 'd_model' has invalid value {d_model!r}")
     check_width(d_model, [av_dir, ar_dir], av_where)
-    critic: dict[str, Any] = ar["critic"] if isinstance(ar.get("critic"), dict) else {}
-    layer = check_equal({
-        "extraction_layer_index (AV)": av.get("extraction_layer_index"),
-        "extraction_layer_index (AR)": ar.get("extraction_layer_index"),
-        "critic.extraction_layer_index": critic.get("extraction_layer_index"),
-    }, ar_where)
+    layer = check_equal({**layer_fields(ar, "AR"), **layer_fields(av, "AV")}, ar_where)
     if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
         raise NLAError(f"{ar_where}: field 'critic.extraction_layer_index' has invalid value {layer!r}")
     # The AR is the base cut after block K: K + 1 blocks. Anything else is an off-by-one
@@ -143,9 +167,15 @@ def read_meta(av_dir: Path, ar_dir: Path, base_model: str | None = None) -> tupl
     if ar_layers != layer + 1:
         raise NLAError(f"{ar_where}: field 'critic.extraction_layer_index' is {layer} but the AR config has "
                        f"num_hidden_layers={ar_layers} (expected {layer + 1})")
-    scale = resolve_scale(require(av, "extraction.injection_scale", av_where), d_model, av_where,
-                          "extraction.injection_scale")
-    mse_raw = (av.get("extraction") or {}).get("mse_scale", (ar.get("extraction") or {}).get("mse_scale", "sqrt_d_model"))
+    raw_scale = injection_scale if injection_scale is not None else require(av, "extraction.injection_scale", av_where)
+    if raw_scale is None or raw_scale in ("raw", "none"):
+        # Their config reads null as "inject the raw vector"; every released AV has a number.
+        raise NLAError(f"{av_where}: field 'extraction.injection_scale' is null (raw, unscaled injection), which "
+                       f"nla does not reproduce; pass the scale the AV was trained with (injection_scale=...)")
+    scale = resolve_scale(raw_scale, d_model, av_where, "extraction.injection_scale")
+    mse_raw = (ar.get("extraction") or {}).get("mse_scale", (av.get("extraction") or {}).get("mse_scale", "sqrt_d_model"))
+    if mse_raw is None:
+        mse_raw = "sqrt_d_model"  # raw-MSE training; our metrics are direction-only either way
     mse_scale = resolve_scale(mse_raw, d_model, av_where, "extraction.mse_scale")
     tok = require(av, "tokens", av_where, dict)
     tokens = MarkerTokens(
@@ -173,7 +203,11 @@ def read_meta(av_dir: Path, ar_dir: Path, base_model: str | None = None) -> tupl
     suffix = ar_tok.get("critic_suffix_ids", tok.get("critic_suffix_ids"))
     if suffix is not None and not (isinstance(suffix, list) and all(isinstance(i, int) for i in suffix)):
         raise NLAError(f"{ar_where}: field 'tokens.critic_suffix_ids' has invalid value {suffix!r}")
-    base = base_model or av.get("base_model") or ar.get("base_model") or str(av_dir.resolve())
+    # explain() reads activations from this model: the AV itself is fine-tuned, so it is never
+    # the fallback. Unknown stays "" and explain() asks for --base-model.
+    recorded = {"base_checkpoint (AV)": av.get("base_checkpoint"), "base_checkpoint (AR)": ar.get("base_checkpoint"),
+                "base_model (AV)": av.get("base_model"), "base_model (AR)": ar.get("base_model")}
+    base = base_model or (check_equal(recorded, av_where) if any(v is not None for v in recorded.values()) else "")
     meta = BundleMeta(
         base_model=str(base),
         layer_index=layer,
@@ -183,7 +217,8 @@ def read_meta(av_dir: Path, ar_dir: Path, base_model: str | None = None) -> tupl
         tokens=tokens,
         prompt_templates={"av": av_template, "ar": ar_template},
         mse_scale=mse_scale,
-        extra={"imported_from": {"layout": "paper", "av": str(av_dir), "ar": str(ar_dir)}},
+        extra={"imported_from": {"layout": "paper", "av": str(av_dir), "ar": str(ar_dir),
+                                 "stage": av.get("stage")}},
     )
     return meta, suffix
 
@@ -199,13 +234,14 @@ def _check_suffix(tokenizer: Any, ar_template: str, suffix: list[int] | None, wh
 
 
 def load(path: str | Path, *, ar: str | Path | None = None, base_model: str | None = None,
-         dtype: str | torch.dtype = "float32", device: str | None = None) -> Any:
+         injection_scale: float | str | None = None, dtype: str | torch.dtype = "float32",
+         device: str | None = None) -> Any:
     """An :class:`NLA` from a paper checkpoint pair (either half, or a folder holding both)."""
     from nla.models.loading import load_model, load_tokenizer, parse_dtype, pick_device
     from nla.models.reconstructor import load_trunk
 
     av_dir, ar_dir = resolve_pair(Path(path), Path(ar) if ar is not None else None)
-    meta, suffix = read_meta(av_dir, ar_dir, base_model)
+    meta, suffix = read_meta(av_dir, ar_dir, base_model, injection_scale)
     torch_dtype, dev = parse_dtype(dtype), pick_device(device)
     tokenizer = load_tokenizer(str(av_dir))
     _check_suffix(tokenizer, meta.prompt_templates["ar"], suffix, ar_dir / META_NAME)

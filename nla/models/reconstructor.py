@@ -68,12 +68,18 @@ def identity_head(d_model: int) -> nn.Linear:
 class Reconstructor(nn.Module):
     """Trunk + value head. ``forward`` returns fp32 predictions ``[batch, d]``."""
 
-    def __init__(self, trunk: nn.Module, tokenizer: Any, template: str, max_length: int = 256):
+    def __init__(self, trunk: nn.Module, tokenizer: Any, template: str, max_length: int | None = None):
         super().__init__()
         self.trunk = trunk
         self.tokenizer = tokenizer
         self.template = template
+        # None (the default, and what inference uses): the whole explanation is read, as the
+        # paper's critic does (nla_inference.py NLACritic.reconstruct never cuts). Training sets
+        # a number to bound memory, and then the middle is cut (see token_ids).
         self.max_length = max_length
+        # Publishers differ here: the paper's critic tokenizes with special tokens (BOS on
+        # Gemma/Llama), some importers record False (docs/interop.md).
+        self.add_special_tokens = True
         self.d_model = hidden_size(trunk.config)
         self.value_head = identity_head(self.d_model)
         self._n_tail: int | None = None
@@ -88,14 +94,30 @@ class Reconstructor(nn.Module):
             self._n_tail = len(self.tokenizer.encode(tail, add_special_tokens=False)) + 1
         return self._n_tail
 
-    def token_ids(self, text: str) -> list[int]:
-        """Token ids of one templated explanation, at most ``max_length`` long.
+    def position_limit(self) -> int | None:
+        """The trunk's hard input length: learned absolute positions (GPT-2's ``n_positions``).
 
-        A long explanation is cut in its middle, not at the end: cutting the end would drop the
-        template's closing words, and the AR would read its vector at a token it never saw
-        during training.
+        Rotary models have no hard limit (``max_position_embeddings`` is a training length,
+        not a table size), so they read any length, as the source models do.
         """
-        ids = list(self.tokenizer.encode(self.format(text), add_special_tokens=True))
+        limit = getattr(getattr(self.trunk, "config", None), "n_positions", None)
+        return int(limit) if isinstance(limit, int) else None
+
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids of one templated explanation: all of them unless ``max_length`` is set.
+
+        With ``max_length`` (training), a long explanation is cut in its middle, not at the
+        end: cutting the end would drop the template's closing words, and the AR would read
+        its vector at a token it never saw during training. Without it, an input longer than
+        the trunk's hard position limit is an error naming the limit, never a silent cut.
+        """
+        ids = list(self.tokenizer.encode(self.format(text), add_special_tokens=self.add_special_tokens))
+        if self.max_length is None:
+            limit = self.position_limit()
+            if limit is not None and len(ids) > limit:
+                raise NLAError(f"reconstruct: the templated explanation is {len(ids)} tokens, over the AR's "
+                               f"limit of {limit} positions (n_positions); shorten the explanation")
+            return ids
         if len(ids) > self.max_length:
             keep_tail = min(self._tail_tokens(), self.max_length // 2)
             ids = ids[: self.max_length - keep_tail] + ids[-keep_tail:]
