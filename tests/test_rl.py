@@ -21,6 +21,8 @@ from nla.train.rl import (
     batch_indices,
     completion_logprobs,
     grpo_token_loss,
+    head_chunked_logprobs,
+    naive_completion_logprobs,
     prepare_policy,
     train_rl,
 )
@@ -132,6 +134,96 @@ def test_logprobs_do_not_depend_on_padding_or_batching(warm_start: Path) -> None
         other, _ = completion_logprobs(nla.av_model, inj, vb.prompt_ids(), comps, -vecs, 1.0, pad)
     assert mask.sum().item() == sum(len(c) for c in comps)
     assert not torch.allclose(together * mask, other * mask, atol=1e-4)
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep`` (older or custom models): the fallback path."""
+
+    def __init__(self, inner: Any):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = False) -> Any:
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gpt2", "llama", "no_logits_to_keep"])
+def test_lean_logprobs_equal_the_naive_computation(arch: str) -> None:
+    """Values *and* gradients of the completion-only, chunked log-probs equal the full-vocabulary,
+    every-position fp32 log-softmax, on real tiny architectures (gemma3 has a final-logit
+    soft-cap path in its forward, gpt2 tied heads), several chunks per answer."""
+    from nla.models.injection import Injector, MarkerTokens
+    from nla.models.loading import load_model
+    from nla.train.rl import supports_logits_to_keep
+
+    model, tok = load_model(f"tiny:{'llama' if arch == 'no_logits_to_keep' else arch}")
+    if arch == "no_logits_to_keep":
+        model = _NoLogitsToKeep(model)
+    assert supports_logits_to_keep(model) == (arch != "no_logits_to_keep")
+    model.eval()  # gpt2 has dropout: two passes must see the same function (autograd still works)
+    # Hooks are not entered: the injection itself is tested elsewhere, here only the scoring.
+    inj = Injector(model, MarkerTokens("x", 0, 0, 0))
+    vecs = torch.ones(3, 8)
+    prompt = [5, 9, 11, 4]
+    comps = [[7, 8, 9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19]]
+    pad = tok.pad_token_id
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+
+    def grads(logp: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        return [g.clone() for g in torch.autograd.grad((logp * mask * weights).sum(), params)]
+
+    naive = naive_completion_logprobs(model, inj, prompt, comps, vecs, 0.7, pad)
+    lean, mask = completion_logprobs(model, inj, prompt, comps, vecs, 0.7, pad, chunk_elements=2 * 3 * len(tok))
+    assert lean.shape == naive.shape == mask.shape == (3, 7)
+    # The real models take the decoder → chunked-head path (verified once); the wrapper falls back.
+    assert getattr(model, "_nla_head_split_ok", None) is (None if arch == "no_logits_to_keep" else True)
+    assert torch.allclose(lean * mask, naive * mask, atol=1e-5)
+    for a, b in zip(grads(lean, mask), grads(naive, mask)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # the reference pass: no autograd, no checkpointing
+        again, _ = completion_logprobs(model, inj, prompt, comps, vecs, 0.7, pad)
+    assert torch.allclose(again * mask, naive.detach() * mask, atol=1e-5)
+
+
+def test_head_chunked_logprobs_never_hold_a_vocabulary_sized_tensor() -> None:
+    """Autograd saves no ``[.., vocab]`` tensor (the chunks are recomputed in backward), and the
+    values and gradients equal the plain computation's."""
+    vocab, d = 1000, 16
+    head = torch.nn.Linear(d, vocab, bias=False)
+    hidden = torch.randn(2, 6, d, requires_grad=True)
+    targets = torch.randint(0, vocab, (2, 6))
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = head_chunked_logprobs(head, 30.0, hidden, targets, 0.8, chunk_elements=2 * 2 * vocab)
+    assert out.dtype == torch.float32 and out.shape == (2, 6)
+    assert saved and not any(t.shape[-1] == vocab for t in saved)
+    out.sum().backward()
+    got = (hidden.grad.clone(), head.weight.grad.clone())
+    hidden.grad, head.weight.grad = None, None
+    logits = torch.tanh(head(hidden) / 30.0) * 30.0
+    ref = torch.log_softmax(logits / 0.8, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(out, ref, atol=1e-5)
+    ref.sum().backward()
+    assert torch.allclose(got[0], hidden.grad, atol=1e-6)
+    assert torch.allclose(got[1], head.weight.grad, atol=1e-6)
+
+
+def test_lean_logprobs_with_injection_and_lora(warm_start: Path) -> None:
+    nla = NLA.from_pretrained(warm_start)
+    vb = nla.verbalizer
+    vecs = torch.randn(2, nla.meta.d_model, generator=torch.Generator().manual_seed(4))
+    comps = [[5, 6, 7, 8], [9, 10]]
+    with torch.no_grad(), vb.injector() as inj:
+        lean, mask = completion_logprobs(nla.av_model, inj, vb.prompt_ids(), comps, vecs, 1.0, vb.tokenizer.pad_token_id)
+        naive = naive_completion_logprobs(nla.av_model, inj, vb.prompt_ids(), comps, vecs, 1.0,
+                                          vb.tokenizer.pad_token_id)
+    assert torch.allclose(lean * mask, naive * mask, atol=1e-5)
 
 
 def test_lora_reference_is_the_warm_start_not_the_base(warm_start: Path, tiny_dataset: Path, tmp_path: Path) -> None:

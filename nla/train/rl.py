@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from nla import metrics
-from nla.config import opt, save_config
+from nla.config import BUNDLE_ENTRIES, claim_output, config_to_dict, opt, save_config
 from nla.errors import NLAError
 from nla.models.injection import Injector
 from nla.train import loop
@@ -54,6 +54,9 @@ from nla.train.rewards import (
 
 PHASE = "rl"
 SUMMARY_FILE = "rl_summary.json"
+# What an RL run writes into --out (--force removes exactly these) and the settings a resume may change.
+RL_OWNED = (*BUNDLE_ENTRIES, "train_config.yaml", loop.METRICS_FILE, loop.PLOT_FILE, loop.CHECKPOINTS, SUMMARY_FILE)
+RL_RESUME_FREE = frozenset({"resume", "force", "progress", "device", "save_every", "keep_checkpoints"})
 
 
 @dataclass
@@ -85,7 +88,8 @@ class RLConfig:
     reward_weights: list[float] = opt([], help="one weight per reward (default: all 1)")
     length_penalty: float = opt(0.0, help="reward −this per answer token (0: off)")
     invalid_reward: float | None = opt(-2.0, help="reward of an unparseable or truncated answer (YAML null: no floor)")
-    lora_r: int = opt(16, help="rank of the RL adapter on the AV (0: full fine-tuning with a frozen reference copy)")
+    lora_r: int = opt(16, help="rank of the RL adapter on the AV (0: full fine-tuning with a frozen reference copy)",
+                      ge=0)
     lora_alpha: int = opt(32, help="LoRA alpha of the RL adapter")
     train_ar: bool = opt(True, help="keep training the AR on the fresh explanations")
     ar_lr: float = opt(1e-4, help="AR learning rate")
@@ -96,9 +100,10 @@ class RLConfig:
     eval_split: str = opt("eval", help="split of that before/after figure (never `rl`, the training split)")
     save_every: int = opt(50, help="checkpoint every N steps (and at the end)")
     keep_checkpoints: int = opt(2, help="checkpoints kept")
-    resume: bool = opt(False, help="continue from the last checkpoint in --out")
+    resume: bool = opt(False, help="continue from the last checkpoint in --out (the settings must match the run's)")
+    force: bool = opt(False, help="start over in an --out that holds a run (or other files): replaces only RL's own files")
     seed: int = opt(0, help="seed of data order and sampling")
-    device: str | None = opt(None, help="cpu, cuda, mps (default: best available)")
+    device: str = opt("auto", help="cpu, cuda, mps, ... (auto: cuda when available)")
     dtype: str = opt("float32", help="model dtype: float32 or bfloat16")
     progress: bool = opt(True, help="show a progress bar")
 
@@ -167,12 +172,115 @@ class MergedSaver:
 
 
 # ---------------------------------------------------------------- log-probs and loss
+# Logits of one chunk of answer positions (fp32 elements, 64 MB): bounds what the log-prob pass
+# holds at once however large the vocabulary, batch or answer length.
+LOGPROB_CHUNK_ELEMENTS = 1 << 24
+
+
+def _causal_lm(model: Any) -> Any:
+    return model.get_base_model() if _is_peft(model) else model
+
+
+def supports_logits_to_keep(model: Any) -> bool:
+    """Whether the model's forward can project only the last positions onto the vocabulary."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(_causal_lm(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _head_parts(model: Any) -> tuple[Any, Any, float | None] | None:
+    """``(decoder, lm_head, softcap)`` when the model splits that way, else None."""
+    lm = _causal_lm(model)
+    get_dec, get_head = getattr(lm, "get_decoder", None), getattr(lm, "get_output_embeddings", None)
+    if get_dec is None or get_head is None:
+        return None
+    try:
+        decoder, head = get_dec(), get_head()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is lm:
+        return None
+    cap = getattr(getattr(lm, "config", None), "final_logit_softcapping", None)
+    return decoder, head, float(cap) if cap else None
+
+
+def _head_logits(head: Any, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = head(hidden)
+    if softcap:  # gemma 2/3's final soft-cap, as their forward applies it
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _head_split_verified(model: Any, parts: tuple[Any, Any, float | None], ids: torch.Tensor,
+                         attn: torch.Tensor) -> bool:
+    """Decoder → head reproduces the model's own logits (checked once per model, on one row).
+
+    A model whose forward does more after the head (a logit scale, a custom soft-cap) fails
+    this and is scored from its own logits instead: exactness is verified, never assumed.
+    """
+    lm = _causal_lm(model)
+    cached = getattr(lm, "_nla_head_split_ok", None)
+    if cached is not None:
+        return bool(cached)
+    decoder, head, cap = parts
+    n = int(attn[0].sum())
+    with torch.no_grad():
+        want = model(input_ids=ids[:1, :n], attention_mask=attn[:1, :n], use_cache=False).logits[0, -1].float()
+        hidden = decoder(input_ids=ids[:1, :n], attention_mask=attn[:1, :n], use_cache=False).last_hidden_state
+        got = _head_logits(head, hidden[0, -1:], cap)[0].float()
+    ok = bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max().clamp(min=1.0))))
+    lm._nla_head_split_ok = ok  # an nn.Module takes plain attributes; the verdict holds for its lifetime
+    return ok
+
+
+def _picked_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    # log p(target) = logit[target]/T − logsumexp(logits/T), in fp32.
+    scaled = logits.float() / temperature
+    return scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, -1)
+
+
+def _chunk_logprobs(head: Any, softcap: float | None, hidden: torch.Tensor, targets: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    return _picked_logprobs(_head_logits(head, hidden, softcap), targets, temperature)
+
+
+def head_chunked_logprobs(head: Any, softcap: float | None, hidden: torch.Tensor, targets: torch.Tensor,
+                          temperature: float, chunk_elements: int = LOGPROB_CHUNK_ELEMENTS) -> torch.Tensor:
+    """``[N, L]`` log-probs of ``targets`` from the last hidden states ``[N, L, d]``.
+
+    The vocabulary projection and the fp32 log-softmax run a chunk of positions at a time; with
+    autograd each chunk is recomputed in the backward pass (activation checkpointing), so only
+    the hidden states stay alive: no ``[N, L, vocab]`` tensor exists at any time, in any dtype.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    n, width = targets.shape
+    vocab = int(getattr(head, "out_features", 0) or head.weight.shape[0])
+    step = max(1, chunk_elements // max(n * vocab, 1))
+    parts = []
+    for s in range(0, width, step):
+        h, tgt = hidden[:, s : s + step], targets[:, s : s + step]
+        if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters())):
+            parts.append(checkpoint(_chunk_logprobs, head, softcap, h, tgt, temperature, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(head, softcap, h, tgt, temperature))
+    return torch.cat(parts, 1)
+
+
 def completion_logprobs(model: Any, injector: Injector, prompt: list[int], completions: list[list[int]],
-                        vectors: torch.Tensor, temperature: float, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        vectors: torch.Tensor, temperature: float, pad_id: int,
+                        chunk_elements: int = LOGPROB_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp [N, L], mask [N, L])`` of the sampled tokens, vector injected at the marker.
 
     Scored at the sampling temperature: the ratio and KL must compare the distribution the
-    tokens were actually drawn from.
+    tokens were actually drawn from. Memory (docs/scaling.md): the decoder runs once, then only
+    the answer positions go through the vocabulary projection, in checkpointed chunks
+    (:func:`head_chunked_logprobs`). A model that does not split into decoder and head (or whose
+    split does not reproduce its logits) is scored from ``model(..., logits_to_keep=L+1)``:
+    answer positions only, still never the prompt's.
     """
     device = next(model.parameters()).device
     width = max(len(c) for c in completions)
@@ -184,13 +292,45 @@ def completion_logprobs(model: Any, injector: Injector, prompt: list[int], compl
         ids[r, p : p + len(comp)] = torch.tensor(comp, dtype=torch.long)
         attn[r, : p + len(comp)] = 1
     ids, attn = ids.to(device), attn.to(device)
-    injector.set_vectors(vectors)
-    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-    # Position t predicts token t+1: the answer's tokens are predicted from p-1 .. p+L-2.
-    logits = logits[:, p - 1 : p - 1 + width].float() / temperature
     targets = ids[:, p : p + width]
-    logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logp, attn[:, p : p + width].float()
+    mask = attn[:, p : p + width].float()
+    parts = _head_parts(model)
+    # Position t predicts token t+1: the answer's tokens are predicted from p-1 .. p+L-2.
+    injector.set_vectors(vectors[:1])  # the one-row check below (cached after the first call)
+    if parts is not None and _head_split_verified(model, parts, ids, attn):
+        decoder, head, cap = parts
+        injector.set_vectors(vectors)
+        hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        return head_chunked_logprobs(head, cap, hidden[:, p - 1 : p - 1 + width], targets, temperature,
+                                     chunk_elements), mask
+    injector.set_vectors(vectors)
+    if supports_logits_to_keep(model):
+        # Right padding: the answer positions are the last L+1 less the very last one.
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=width + 1).logits[:, :-1]
+    else:
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, p - 1 : p - 1 + width]
+    return _picked_logprobs(logits, targets, temperature), mask
+
+
+def naive_completion_logprobs(model: Any, injector: Injector, prompt: list[int], completions: list[list[int]],
+                              vectors: torch.Tensor, temperature: float, pad_id: int) -> torch.Tensor:
+    """The textbook computation: every position, fp32 log-softmax over the whole vocabulary.
+
+    What RL did before; kept as the reference :func:`completion_logprobs` is tested and
+    benchmarked against (benchmarks/rl_memory.py).
+    """
+    device = next(model.parameters()).device
+    width = max(len(c) for c in completions)
+    p = len(prompt)
+    ids = torch.full((len(completions), p + width), pad_id, dtype=torch.long)
+    for r, comp in enumerate(completions):
+        ids[r, :p] = torch.tensor(prompt)
+        ids[r, p : p + len(comp)] = torch.tensor(comp, dtype=torch.long)
+    attn = (torch.arange(p + width)[None] < torch.tensor([[p + len(c)] for c in completions])).long()
+    injector.set_vectors(vectors)
+    logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits.float()
+    logp_all = torch.log_softmax(logits / temperature, -1)
+    return logp_all[:, p - 1 : p - 1 + width].gather(-1, ids[:, p : p + width].to(device).unsqueeze(-1)).squeeze(-1)
 
 
 def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
@@ -237,6 +377,9 @@ class RLTrainer:
         if cfg.updates_per_batch < 1:
             raise NLAError(f"--updates-per-batch must be >= 1, got {cfg.updates_per_batch}")
         self.out = Path(cfg.out)
+        # The shared output guard (nla.config.claim_output), before anything is loaded or written.
+        claim_output(self.out, command="train rl", force=cfg.force, resume=cfg.resume, owned=RL_OWNED,
+                     config_file="train_config.yaml", settings=config_to_dict(cfg), free=RL_RESUME_FREE)
         self.rewards = rewards if rewards is not None else self._rewards_from_config()
         self.ds = ActivationDataset.open(cfg.data)
         self.nla = NLA.from_pretrained(cfg.nla, device=cfg.device, dtype=cfg.dtype, is_trainable=True)
