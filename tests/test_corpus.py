@@ -131,3 +131,66 @@ def test_bad_input_via_cli_is_one_line(tmp_path: Path, name: str) -> None:
 def test_unknown_source_kind(tmp_path: Path) -> None:
     with pytest.raises(NLAError, match="corpus not found"):
         load_corpus(str(tmp_path / "nothing-here"))
+
+
+# ---------------------------------------------------------------- hf: (streamed)
+def _jsonl_shards(folder: Path, rows_per_shard: int, good_shards: int, bad_shards: int) -> None:
+    """A local dataset folder of JSONL shards; the last ``bad_shards`` are not JSON at all."""
+    folder.mkdir()
+    n = 0
+    for s in range(good_shards + bad_shards):
+        path = folder / f"train-{s:05d}.jsonl"
+        if s < good_shards:
+            lines = []
+            for _ in range(rows_per_shard):
+                lines.append(json.dumps({"body": "" if n % 7 == 3 else f"document number {n}", "n": n}))
+                n += 1
+            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        else:
+            path.write_text("this shard is {not json and must never be read\n" * 50, encoding="utf-8")
+
+
+def test_hf_source_streams_and_stops_after_the_documents_it_needs(tmp_path: Path) -> None:
+    """``hf:FOLDER`` goes through ``datasets.load_dataset(..., streaming=True)`` (the packaged JSON
+    builder on a local folder, as for a hub dataset). The shards after the first two are
+    corrupt: loading the whole dataset fails on them, the streamed source never opens them."""
+    import datasets
+
+    folder = tmp_path / "corpus"
+    _jsonl_shards(folder, rows_per_shard=20, good_shards=2, bad_shards=3)
+    with pytest.raises(Exception):  # noqa: B017 - the materialising load is what must fail
+        datasets.load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "cache"))
+    docs = load_corpus(f"hf:{folder}", text_column="body", id_column="missing", max_docs=25)
+    assert len(docs) == 25
+    # Empty rows are skipped but keep their row number, so ids do not shift when text is empty.
+    assert [d.doc_id for d in docs[:5]] == ["corpus:0", "corpus:1", "corpus:2", "corpus:4", "corpus:5"]
+    assert docs[4].text == "document number 5"
+    explicit = load_corpus(f"hf:{folder}::train", text_column="body", id_column="missing", max_docs=25)
+    assert [d.text for d in explicit] == [d.text for d in docs]
+    assert explicit[0].doc_id == "corpus::train:0"  # docs/formats.md: the source after its last /, then :<row>
+    with_ids = load_corpus(f"hf:{folder}", text_column="body", id_column="n", max_docs=3)
+    assert [d.doc_id for d in with_ids] == ["0", "1", "2"]
+    # Asking for more than the good shards hold reaches a corrupt one: a one-line error.
+    with pytest.raises(NLAError, match=r"^hf:.*reading row 40 failed"):
+        load_corpus(f"hf:{folder}", text_column="body", max_docs=1000)
+
+
+def test_hf_source_parses_config_and_split_and_names_bad_input(tmp_path: Path) -> None:
+    from nla.data.corpus import parse_hf_source
+
+    assert parse_hf_source("hf:org/name") == ("org/name", None, "train")
+    assert parse_hf_source("hf:org/name:sample-10BT") == ("org/name", "sample-10BT", "train")
+    assert parse_hf_source("hf:org/name:sample-10BT:validation") == ("org/name", "sample-10BT", "validation")
+    assert parse_hf_source("hf:org/name::test") == ("org/name", None, "test")
+    with pytest.raises(NLAError, match="expected hf:NAME"):
+        parse_hf_source("hf:")
+    with pytest.raises(NLAError, match="expected hf:NAME"):
+        parse_hf_source("hf:a:b:c:d")
+    folder = tmp_path / "c"
+    _jsonl_shards(folder, rows_per_shard=5, good_shards=1, bad_shards=0)
+    with pytest.raises(NLAError, match="no column 'text' .*body.*--text-column"):
+        load_corpus(f"hf:{folder}")
+    with pytest.raises(NLAError, match="cannot load dataset"):
+        load_corpus(f"hf:{folder}::nosuchsplit", text_column="body")
+    with pytest.raises(NLAError, match="cannot load dataset"):
+        load_corpus(f"hf:{tmp_path / 'absent'}")

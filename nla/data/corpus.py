@@ -9,7 +9,8 @@ Source strings:
 * ``path/to/file.txt`` — documents separated by blank lines
 * ``path/to/folder`` — one document per ``.txt``/``.md`` file inside (recursive)
 * ``path/to/file.jsonl`` / ``.parquet`` — one document per row, text in ``text_column``
-* ``hf:NAME[:CONFIG][:SPLIT]`` — a Hugging Face dataset (needs the ``datasets`` package and hub)
+* ``hf:NAME[:CONFIG[:SPLIT]]`` — a Hugging Face dataset (hub id or local dataset folder), streamed:
+  only the rows up to ``max_docs`` are read (needs the ``datasets`` package, ``pip install nla[hf]``)
 """
 
 from __future__ import annotations
@@ -150,23 +151,63 @@ def _parquet_documents(path: Path, text_column: str, id_column: str) -> list[Doc
     return _row_documents(path, table.select(cols).to_pylist(), text_column, id_column)
 
 
-def _hf_documents(source: str, text_column: str, id_column: str) -> list[Document]:
-    parts = source.split(":")[1:]
-    name = parts[0]
-    config = parts[1] if len(parts) > 2 else None
-    split = parts[-1] if len(parts) > 1 else "train"
+def parse_hf_source(source: str) -> tuple[str, str | None, str]:
+    """``hf:NAME[:CONFIG[:SPLIT]]`` → ``(name, config, split)``; positional, split defaults to train.
+
+    The second field is always the config and the third the split, so ``hf:NAME::validation``
+    picks a split without a config. NAME is a hub id (``org/name``) or a local dataset folder.
+    """
+    parts = source[len("hf:"):].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise NLAError(f"{source}: expected hf:NAME[:CONFIG[:SPLIT]] (e.g. hf:HuggingFaceFW/fineweb-edu:sample-10BT:train)")
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return parts[0], config, split
+
+
+def _hf_documents(source: str, text_column: str, id_column: str, max_docs: int | None) -> list[Document]:
+    """Stream the dataset and stop after ``max_docs`` non-empty documents.
+
+    ``streaming=True`` reads shard after shard as rows are asked for, so a 40k-document run on a
+    billion-row corpus downloads (or reads) only the first shards, never the whole dataset.
+    Ids: the ``id_column`` value, else ``<name after its last />:<row>``, as for local files.
+    """
+    name, config, split = parse_hf_source(source)
     try:
         import datasets
     except ImportError:
-        raise NLAError(f"{source}: Hugging Face datasets need `pip install datasets`") from None
+        raise NLAError(f"{source}: Hugging Face datasets need `pip install datasets` (or nla[hf])") from None
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as exc:
         raise NLAError(
-            f"{source}: cannot load dataset ({str(exc).splitlines()[0]}); offline, use a local "
-            "file or --corpus builtin"
+            f"{source}: cannot load dataset ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            "offline, use a local file or --corpus builtin"
         ) from None
-    return _row_documents(Path(source), list(ds), text_column, id_column)
+    label = Path(source).name  # docs/formats.md: the source string after its last /, then :<row>
+    docs: list[Document] = []
+    rows = iter(stream)
+    i = -1
+    while max_docs is None or len(docs) < max_docs:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except Exception as exc:  # a shard that fails to read or download mid-stream
+            raise NLAError(f"{source}: reading row {i + 1} failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        i += 1
+        if text_column not in row:
+            raise NLAError(f"{source}: no column {text_column!r} (columns: {', '.join(map(str, row))}); pass --text-column")
+        text = row[text_column]
+        if not isinstance(text, str):
+            raise NLAError(f"{source}: row {i} has a non-text {text_column!r} value")
+        if not text.strip():
+            continue
+        doc_id = row.get(id_column)
+        docs.append(Document(str(doc_id) if doc_id is not None else f"{label}:{i}", text))
+    if not docs:
+        raise NLAError(f"{source}: no rows with text" if i >= 0 else f"{source}: the split {split!r} is empty")
+    return docs
 
 
 def load_corpus(
@@ -176,7 +217,7 @@ def load_corpus(
     if source == "builtin":
         docs = builtin_documents()
     elif source.startswith("hf:"):
-        docs = _hf_documents(source, text_column, id_column)
+        docs = _hf_documents(source, text_column, id_column, max_docs)
     else:
         path = Path(source).expanduser()
         if not path.exists():
