@@ -24,6 +24,8 @@ COMMANDS: dict[str, str] = {
     "train": "nla.train.cli",
     "eval": "nla.eval.cli",
     "serve": "nla.serve.cli",
+    "search": "nla.search",
+    "steer": "nla.steer",
     "import": "nla.interop.cli",
     "releases": "nla.interop.cli",
     "universal": "nla.universal.cli",

@@ -6,6 +6,7 @@ Endpoints (documented by the OpenAPI schema at ``/openapi.json``, browsable at `
                             block-K state there and its round-trip metrics
 * ``POST /v1/verbalize``   vectors → explanations (``n`` samples each)
 * ``POST /v1/reconstruct`` explanation texts → vectors
+* ``POST /v1/search``      text → the dataset positions nearest to AR(text) (needs ``--data``)
 * ``POST /v1/vectors/parse`` ``.npy`` / ``.safetensors`` bytes → vectors (for the web page)
 * ``GET  /v1/info``        bundle metadata, limits, batching counters
 * ``GET  /healthz``        liveness (never needs the API key)
@@ -78,6 +79,7 @@ class ServeConfig:
                                      "1 is often faster on a CPU shared with other work)")
     device: str = opt("", help="device to load the bundle on (default: cuda if available, else cpu)")
     dtype: str = opt("float32", help="dtype to load the bundle in")
+    data: str = opt("", help="activation dataset for /v1/search and the explorer's search panel (default: none)")
 
 
 # ---------------------------------------------------------------- request / response models
@@ -157,6 +159,30 @@ class ReconstructRequest(BaseModel):
 class ReconstructResponse(BaseModel):
     vectors: list[list[float]]
     norms: list[float]
+
+
+class SearchRequest(BaseModel):
+    text: str = Field(description="what to look for, in words; the AR maps it to a vector")
+    k: int = Field(default=10, description="how many positions to return (1 to 100)")
+    explain: bool = Field(default=False, description="also verbalize each hit with the AV (slower)")
+
+
+class SearchHit(BaseModel):
+    rank: int
+    row: int
+    doc_id: str | None
+    position: int | None
+    split: str | None
+    context: str | None = Field(description="decoded text up to and including the position")
+    teacher_label: str | None
+    score: float = Field(description="centred cosine cos(p̂ − μ, v̂ − μ) with the AR's vector (the ranking)")
+    cosine: float = Field(description="raw cosine")
+    av_explanation: str | None
+
+
+class SearchResponse(BaseModel):
+    dataset: str
+    hits: list[SearchHit]
 
 
 class ParsedVectors(BaseModel):
@@ -281,6 +307,12 @@ class NLAService:
             run=self._run_reconstruct, thread=self.thread, rows=len,
             max_rows=config.max_batch_rows, max_wait_s=config.max_wait_ms / 1000, enabled=config.batching,
         )
+        self.search_index: Any = None
+        if config.data:
+            from nla.search import SearchIndex
+
+            self.search_index = SearchIndex.open(config.data)
+            self.search_index.check(nla)
 
     # ------------------------------------------------------------ model calls (model thread)
     def _run_verbalize(self, items: list[tuple[torch.Tensor, GenKey]]) -> list[list[list[Any]]]:
@@ -438,6 +470,18 @@ class NLAService:
         vecs = await self.reconstructor.submit(list(req.texts))
         return ReconstructResponse(vectors=vecs.tolist(), norms=[float(x) for x in torch.linalg.norm(vecs, dim=-1)])
 
+    async def search(self, req: SearchRequest) -> SearchResponse:
+        from nla.search import search
+
+        if self.search_index is None:
+            raise ClientError(422, "invalid", "no dataset to search: start the server with --data DATASET")
+        self.check_text(req.text, "text")
+        if not 1 <= req.k <= 100:
+            raise ClientError(422, "invalid", f"k={req.k} is out of range: 1 to 100")
+        hits = await self.thread.run(search, self.nla, self.search_index, req.text, req.k, req.explain,
+                                     self.config.default_new_tokens)
+        return SearchResponse(dataset=str(self.config.data), hits=[SearchHit(**h) for h in hits])
+
     def parse_vectors(self, data: bytes, fmt: str | None) -> ParsedVectors:
         if not data:
             raise ClientError(422, "invalid", "empty body: send the bytes of a .npy or .safetensors file")
@@ -486,6 +530,7 @@ class NLAService:
         return {
             "bundle": meta,
             "has_mean_vector": self.nla.mean_vector is not None,
+            "search_dataset": str(c.data) if self.search_index is not None else None,
             "device": str(self.nla.device),
             "nla_version": __version__,
             "batching": {
@@ -556,6 +601,11 @@ def create_app(nla: Any, config: ServeConfig | None = None, api_key: str | None 
     async def reconstruct(req: ReconstructRequest) -> ReconstructResponse:
         """Vectors the AR reconstructs from explanation texts."""
         return await _timed(service.reconstruct(req), config.timeout_s)
+
+    @v1.post("/search", response_model=SearchResponse)
+    async def search(req: SearchRequest) -> SearchResponse:
+        """Dataset positions whose activations are nearest to the AR's vector for ``text``."""
+        return await _timed(service.search(req), config.timeout_s)
 
     @v1.post("/vectors/parse", response_model=ParsedVectors,
              openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string",
