@@ -1,5 +1,5 @@
 """Wrap a plain (anchor-only) NLA bundle as a universal trunk, for the held-out setting of
-DESIGN.md §9 on real weights (docs/benchmarks.md, "Universal").
+docs/design.md §9 on real weights (docs/benchmarks.md, "Universal").
 
 `nla universal train` builds its trunk itself; this script instead takes an existing bundle
 that was trained on the anchor model alone (e.g. the embedded default's `nla run` output) and

@@ -1,4 +1,4 @@
-"""The NLA bundle (DESIGN.md §7): AV + AR + sidecar, and the Python API around them.
+"""The NLA bundle (docs/design.md §7): AV + AR + sidecar, and the Python API around them.
 
 ```
 RUN/
@@ -156,7 +156,7 @@ class RoundTrip:
 
 
 def _check_tokens(tokenizer: Any, tokens: MarkerTokens, av_template: str, where: str) -> None:
-    """The sidecar's marker ids must be what the live tokenizer produces (DESIGN.md §4)."""
+    """The sidecar's marker ids must be what the live tokenizer produces (docs/design.md §4)."""
     ids = tokenizer.encode(tokens.marker, add_special_tokens=False)
     if list(ids) != [tokens.marker_id]:
         raise NLAError(f"{where}: field 'tokens.marker_id' is {tokens.marker_id} but the tokenizer encodes "
@@ -555,13 +555,13 @@ class NLA:
 
     @property
     def baseline(self) -> float | None:
-        """B of DESIGN.md §6 measured on the bundle's dataset (None when unknown)."""
+        """B of docs/design.md §6 measured on the bundle's dataset (None when unknown)."""
         value = self.meta.dataset.get("baseline_b")
         return float(value) if isinstance(value, (int, float)) else None
 
 
 def _dataset_stats(ds: Any, mean: torch.Tensor) -> dict[str, Any]:
-    """What the bundle keeps of its dataset: where it was, its size, norm and B (DESIGN.md §6).
+    """What the bundle keeps of its dataset: where it was, its size, norm and B (docs/design.md §6).
 
     B is measured on the eval split (the rows metrics are reported on), or on every row when
     a small dataset has no eval rows.

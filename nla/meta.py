@@ -65,7 +65,7 @@ def require(data: dict[str, Any], dotted: str, where: str | Path, kind: type | t
 
 @dataclass
 class DatasetMeta:
-    """The activation dataset sidecar (DESIGN.md §3)."""
+    """The activation dataset sidecar (docs/design.md §3)."""
 
     base_model: str
     layer_index: int

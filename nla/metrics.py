@@ -1,4 +1,4 @@
-"""The metrics of DESIGN.md §6 — the one implementation used by training, eval and serving.
+"""The metrics of docs/design.md §6 — the one implementation used by training, eval and serving.
 
 All maths runs in fp32 whatever the model dtype, with ``eps`` inside the square root so a
 zero vector gives a finite answer instead of NaN.

@@ -83,7 +83,7 @@ def test_default_layer_and_range() -> None:
 
 
 def test_layer_convention_block_output_is_hidden_states_k_plus_1(tiny: tuple[str, nn.Module, object]) -> None:
-    """DESIGN.md §2: layer K = output of block K = output_hidden_states[K + 1]."""
+    """docs/design.md §2: layer K = output of block K = output_hidden_states[K + 1]."""
     _, model, tok = tiny
     ids = _ids(tok)
     n = num_layers(model.config)

@@ -1,4 +1,4 @@
-"""nla.metrics: property tests for the definitions of DESIGN.md §6."""
+"""nla.metrics: property tests for the definitions of docs/design.md §6."""
 
 from __future__ import annotations
 

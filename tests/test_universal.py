@@ -1,4 +1,4 @@
-"""Universal adapters (DESIGN.md §9) on tiny random models of three widths: llama 64 (anchor), qwen2 48, gpt2 32."""
+"""Universal adapters (docs/design.md §9) on tiny random models of three widths: llama 64 (anchor), qwen2 48, gpt2 32."""
 
 from __future__ import annotations
 

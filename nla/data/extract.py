@@ -1,4 +1,4 @@
-"""`nla extract`: corpus → activation dataset (DESIGN.md §3).
+"""`nla extract`: corpus → activation dataset (docs/design.md §3).
 
 The forward pass stops at block K: a hook on that block raises, so the later blocks, the final
 norm and the LM head never run. Documents are processed in fixed shards of ``docs_per_shard``;

@@ -1,4 +1,4 @@
-"""The activation dataset on disk (DESIGN.md §3): Parquet shards + ``nla_meta.yaml``.
+"""The activation dataset on disk (docs/design.md §3): Parquet shards + ``nla_meta.yaml``.
 
 Vectors are stored as ``FixedSizeList<float32>[d]``: a variable-length list column silently
 corrupts once a buffer passes 4 GiB, a fixed-size list has no offsets to overflow. Every shard
@@ -249,7 +249,7 @@ class ActivationDataset:
         return self.table(names, split=split).to_pylist()
 
     def mean_vector(self) -> torch.Tensor:
-        """μ of DESIGN.md §6: mean of the normalised training vectors."""
+        """μ of docs/design.md §6: mean of the normalised training vectors."""
         from safetensors.torch import load_file
 
         if self.meta.mean_vector:
@@ -293,7 +293,7 @@ class ActivationDataset:
 
 
 def normalized_mean(vectors: torch.Tensor) -> torch.Tensor:
-    """Mean of ``sqrt(d) * v / ||v||`` in fp32 (the μ of DESIGN.md §6)."""
+    """Mean of ``sqrt(d) * v / ||v||`` in fp32 (the μ of docs/design.md §6)."""
     from nla.metrics import normalize
 
     return normalize(vectors.float()).mean(dim=0)

@@ -331,7 +331,7 @@ def render_html(m: dict[str, Any], samples: list[dict[str, Any]], plots: dict[st
     if m.get("notes"):
         parts.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in m["notes"]) + "</ul>")
 
-    parts.append("<h2>Headline</h2><p><small>fve_nrm is the headline (DESIGN.md §6): 0 = no better than the training mean, "
+    parts.append("<h2>Headline</h2><p><small>fve_nrm is the headline (docs/design.md §6): 0 = no better than the training mean, "
                  "1 = perfect. Intervals: 95% bootstrap over samples. top-1: the true vector is the nearest of "
                  f"{_e(rt.get('n_candidates'))} candidates (chance {fmt(1 / rt['n_candidates']) if rt.get('n_candidates') else '—'}).</small></p>")
     bk = rt.get("best_of_k")

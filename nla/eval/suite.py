@@ -356,7 +356,7 @@ def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Pat
     n = len(rows)
     if n < 2:
         raise NLAError(f"{ds.path}: split {cfg.split!r} has {n} row; evaluation needs at least 2")
-    # Precedence (DESIGN.md §7): the bundle's training mean over the dataset's.
+    # Precedence (docs/design.md §7): the bundle's training mean over the dataset's.
     if nla.mean_vector is not None:
         mean, mean_source = nla.mean_vector.float(), "bundle"
     else:

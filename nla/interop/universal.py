@@ -1,4 +1,4 @@
-"""Cross-architecture universal bundles: one AV/AR trunk, per-model linear maps (DESIGN.md §9).
+"""Cross-architecture universal bundles: one AV/AR trunk, per-model linear maps (docs/design.md §9).
 
 Published layout (see docs/interop.md)::
 

@@ -1,4 +1,4 @@
-"""Putting an activation into the AV's forward pass at the marker token (DESIGN.md §4).
+"""Putting an activation into the AV's forward pass at the marker token (docs/design.md §4).
 
 * ``replace`` (paper default): the embedding *output* at the marker becomes ``v * s / ||v||``.
   Hooking the module's output (not ``inputs_embeds``) keeps Gemma right: its embedding module
@@ -49,7 +49,7 @@ def _single_token(tokenizer: Any, ch: str) -> int | None:
 
 
 def find_marker(render_text: Callable[[str], str], encode: Callable[[str], list[int]], tokenizer: Any) -> MarkerTokens:
-    """The first usable marker (DESIGN.md §4) for a tokenizer and an AV prompt renderer.
+    """The first usable marker (docs/design.md §4) for a tokenizer and an AV prompt renderer.
 
     ``render_text(marker)`` gives the full rendered AV prompt (chat template applied) and
     ``encode(text)`` its token ids exactly as the verbalizer will tokenize it. A candidate is

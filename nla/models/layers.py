@@ -1,6 +1,6 @@
 """Architecture-generic access to the decoder blocks, found by structure, never by model name.
 
-The layer convention (DESIGN.md §2): ``layer_index = K`` is the output of decoder block K
+The layer convention (docs/design.md §2): ``layer_index = K`` is the output of decoder block K
 (0-based), which is ``output_hidden_states[K + 1]`` in transformers.
 """
 
@@ -37,7 +37,7 @@ def hidden_size(config: Any) -> int:
 
 
 def default_layer(n_layers: int) -> int:
-    """DESIGN.md §2: two thirds of the way up."""
+    """docs/design.md §2: two thirds of the way up."""
     return (2 * n_layers) // 3
 
 

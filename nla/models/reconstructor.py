@@ -1,4 +1,4 @@
-"""The activation reconstructor (AR): explanation in, vector out (DESIGN.md §5).
+"""The activation reconstructor (AR): explanation in, vector out (docs/design.md §5).
 
 The base model cut after block K (``num_hidden_layers = K + 1``), with its final norm removed
 so the read-out is the raw block-K residual stream, plus a bias-free ``Linear(d, d)`` value

@@ -7,7 +7,7 @@ break NLA code in practice:
 * ``llama`` and ``gemma`` add a BOS token *and* put ``{{ bos_token }}`` in the chat template,
   the classic double-BOS trap;
 * ``qwen2``/``qwen3`` and ``gemma`` have U+32xx characters as single tokens, so the marker
-  search of DESIGN.md §4 finds one; ``llama`` and ``gpt2`` have none, like SmolLM2, so the
+  search of docs/design.md §4 finds one; ``llama`` and ``gpt2`` have none, like SmolLM2, so the
   fallback search runs;
 * ``gpt2`` has no chat template at all;
 * widths differ between architectures so cross-model code meets different ``d_model``.

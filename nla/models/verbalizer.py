@@ -1,4 +1,4 @@
-"""The activation verbalizer (AV): vector in, explanation out (DESIGN.md §4)."""
+"""The activation verbalizer (AV): vector in, explanation out (docs/design.md §4)."""
 
 from __future__ import annotations
 

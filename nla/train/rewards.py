@@ -1,4 +1,4 @@
-"""Rewards for RL of the verbalizer (DESIGN.md §8): plain callables, TRL style.
+"""Rewards for RL of the verbalizer (docs/design.md §8): plain callables, TRL style.
 
 A reward is any callable ``f(vectors, explanations, reconstructions, **ctx) -> list[float]``:
 

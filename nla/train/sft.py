@@ -1,4 +1,4 @@
-"""Warm-start SFT of the AV and the AR (DESIGN.md §1, §4, §5): `nla train av|ar|sft`.
+"""Warm-start SFT of the AV and the AR (docs/design.md §1, §4, §5): `nla train av|ar|sft`.
 
 * **AV**: cross-entropy on the response tokens only (prompt and padding labelled −100), each
   row's vector injected at its marker; rows of the ``av_sft`` split with an explanation.
@@ -201,7 +201,7 @@ class AVTask(Task):
     def examples(self, rows: list[dict[str, Any]]) -> list[Example]:
         out = []
         for i, r in enumerate(rows):
-            # A universal dataset (DESIGN.md §9) names each row's model; the AV reads it as text.
+            # A universal dataset (docs/design.md §9) names each row's model; the AV reads it as text.
             ids, n_prompt = self.nla.verbalizer.training_example(r["explanation"], r.get("tag"))
             if n_prompt >= self.cfg.max_length:
                 raise NLAError(f"--max-length {self.cfg.max_length} is shorter than the AV prompt ({n_prompt} tokens)")
@@ -514,7 +514,7 @@ def _train_phase(cfg: SFTConfig, target: str, nla: Any, dataset: Any, accelerato
                       f"(ungrouped: {pad_random:.1%})")
             start_eval = run_eval()
             if target == "ar" and eval_examples:
-                # The mean-direction baseline the AR has to beat (DESIGN.md §6).
+                # The mean-direction baseline the AR has to beat (docs/design.md §6).
                 mean = task.mean if isinstance(task, ARTask) else None
                 assert mean is not None
                 const = mean.unsqueeze(0).expand(len(eval_vectors), -1)

@@ -1,4 +1,4 @@
-"""Universal adapters: one AV/AR trunk for many base models (DESIGN.md §9).
+"""Universal adapters: one AV/AR trunk for many base models (docs/design.md §9).
 
 For a model M of width ``d_M`` two linear maps are all that is model-specific:
 

@@ -1,4 +1,4 @@
-"""`nla universal extract|fit-enc|train|fit-dec|add-model|eval` (DESIGN.md §9).
+"""`nla universal extract|fit-enc|train|fit-dec|add-model|eval` (docs/design.md §9).
 
 The recipe (``configs/universal.yaml`` holds one section per subcommand; ``--config`` reads the
 section named after the command, flags override it)::

@@ -7,7 +7,7 @@ kinds of pairs are written, each model at its own layer:
   fp32 (an fp16 sum of a few hundred 500-norm vectors overflows to inf), special tokens and the
   first token left out (attention sinks carry norms 10–100× the rest and would dominate);
 * **per position**: tokenizers cut text differently, so positions are chosen as *character
-  offsets*: the anchor samples token ends (seeded per document, DESIGN.md §3), and every model
+  offsets*: the anchor samples token ends (seeded per document, docs/design.md §3), and every model
   contributes the state of its token that ends at that same offset — the same text prefix —
   where it has one. A model added later (``add-model``) reads the stored offsets, so its rows
   pair with the existing ones.

@@ -1,4 +1,4 @@
-"""Least-squares linear maps between activation spaces (DESIGN.md §9), fp32 on the CPU.
+"""Least-squares linear maps between activation spaces (docs/design.md §9), fp32 on the CPU.
 
 ``Y ≈ X W + b`` is solved with centred inputs (the bias is then the mean offset, never
 penalised) by LAPACK ``gelsy``: rank-revealing QR, so a rank-deficient ``X`` (fewer passages
@@ -12,7 +12,7 @@ one value means the same thing for a 32-wide tiny model and a 4096-wide one. It 
 by appending ``sqrt(λ) I`` rows, which keeps the solve in the same rank-revealing driver.
 
 Every fit reports :func:`nla.metrics.summarize` (``fve_nrm`` headline) on its training rows and
-on held-out passages, with μ the normalised mean of the training targets (DESIGN.md §6).
+on held-out passages, with μ the normalised mean of the training targets (docs/design.md §6).
 """
 
 from __future__ import annotations
