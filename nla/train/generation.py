@@ -127,24 +127,104 @@ class TransformersBackend(RolloutBackend):
         return rollouts
 
 
-class VLLMBackend(RolloutBackend):
-    """vLLM with prompt embeddings. Only ``replace`` injection: it lives in the embeddings.
+# ---------------------------------------------------------------- vLLM
+# V1-engine prompt embeddings (vLLM PR #24278) first shipped in 0.11.0, the release that also
+# removed the V0 engine; LLM.apply_model is the public way into the workers' model there.
+MIN_VLLM = (0, 11, 0)
 
-    The engine starts from the warm-start AV weights (``base_dir``). With a LoRA policy each
-    :meth:`sync_weights` saves the adapter and serves it under a new ``LoRARequest`` (public
-    API); a fully fine-tuned policy's weights are pushed into the engine's model in place.
+
+def check_vllm_version(version: str) -> None:
+    """One-line error unless ``version`` is at least :data:`MIN_VLLM`."""
+    import re
+
+    nums = [int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3]]
+    if len(nums) < 2:
+        raise NLAError(f"--generation-backend vllm: cannot read the vLLM version {version!r}")
+    have = tuple(nums + [0] * (3 - len(nums)))
+    if have < MIN_VLLM:
+        need = ".".join(map(str, MIN_VLLM))
+        raise NLAError(f"--generation-backend vllm needs vLLM >= {need} (V1-engine prompt embeddings, "
+                       f"LLM.apply_model); found {version}: pip install -U 'vllm>={need}'")
+
+
+def build_prompt_embeds(verbalizer: Verbalizer, vectors: torch.Tensor) -> torch.Tensor:
+    """``[B, T, d]`` prompt embeddings with each vector injected by the AV's own hook.
+
+    What vLLM receives as ``{"prompt_embeds": e}``: the embedding module's output with the
+    injection hook applied, so the engine needs no patch and sees exactly what the transformers
+    path's first layer sees. ``replace`` injection only: ``add`` acts on a later layer.
+    """
+    vb = verbalizer
+    emb = vb.model.get_input_embeddings()
+    ids = torch.tensor([vb.prompt_ids()] * len(vectors), device=emb.weight.device)
+    with torch.no_grad(), vb.injector(vectors):
+        # The hook sits on the embedding module's output, so calling the module injects.
+        return emb(ids).detach().cpu()
+
+
+def vllm_weight_items(model: Any) -> list[tuple[str, torch.Tensor]]:
+    """The policy's weights under Hugging Face checkpoint names, as ``load_weights`` expects.
+
+    A PEFT model's names carry ``base_model.model.`` and ``.base_layer``; LoRA factors are left
+    out (a LoRA policy reaches vLLM as an adapter, not as weights). vLLM's own loader then
+    stacks q/k/v and gate/up itself, from these plain names.
+    """
+    lm = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    out = []
+    for name, tensor in lm.state_dict().items():
+        if "lora_" in name or ".modules_to_save." in name:
+            continue
+        out.append((name.replace(".base_layer", ""), tensor.detach()))
+    return out
+
+
+def _load_into_engine_model(weights: list[tuple[str, torch.Tensor]], model: Any) -> int:
+    # Runs inside vLLM's worker (LLM.apply_model): the engine's model takes HF-named weights.
+    model.load_weights(weights=weights)
+    return len(weights)
+
+
+def rollouts_from_vllm(verbalizer: Verbalizer, outputs: list[Any]) -> list[Rollout]:
+    """vLLM ``RequestOutput`` objects (one per vector, ``n`` completions each) → group-major rollouts."""
+    end_ids = list(verbalizer.end_ids)
+    rollouts = []
+    for i, out in enumerate(outputs):
+        for comp in out.outputs:
+            ids = list(comp.token_ids)
+            stop = getattr(comp, "stop_reason", None)
+            # A stop_token_ids hit may be left out of token_ids; put the action back, it is scored.
+            if comp.finish_reason == "stop" and (not ids or ids[-1] not in end_ids):
+                ids.append(int(stop) if isinstance(stop, int) else end_ids[0])
+            rollouts.append(make_rollout(verbalizer, i, ids))
+    return rollouts
+
+
+class VLLMBackend(RolloutBackend):
+    """vLLM (>= 0.11, V1 engine) with prompt embeddings. Only ``replace`` injection.
+
+    Public API only (vLLM's ``examples/offline_inference/prompt_embed_inference.py``,
+    ``vllm/entrypoints/llm.py``): ``LLM(model, enable_prompt_embeds=True)``,
+    ``generate([{"prompt_embeds": e}], ...)``; weight sync with a LoRA policy saves the adapter
+    and serves it under a new ``LoRARequest``; a fully fine-tuned policy is pushed with
+    ``LLM.apply_model(lambda m: m.load_weights(...))``. The engine runs in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) on the training GPU, so that push is an in-memory
+    copy, not a serialisation of the model.
     """
 
     def __init__(self, verbalizer: Verbalizer, base_dir: str | Path, *, lora_rank: int | None = None,
                  gpu_memory_utilization: float = 0.3, dtype: str = "auto"):
+        import os
+
         try:
             import vllm
         except ImportError:
             raise NLAError("--generation-backend vllm: vLLM is not installed (pip install vllm), "
                            "use --generation-backend transformers") from None
+        check_vllm_version(getattr(vllm, "__version__", "0"))
         if verbalizer.injection.mode != "replace":
             raise NLAError("--generation-backend vllm supports only 'replace' injection (the vector is "
                            "carried in the prompt embeddings); this bundle uses 'add'")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.verbalizer = verbalizer
         self._vllm = vllm
         self.lora_rank = lora_rank
@@ -158,58 +238,41 @@ class VLLMBackend(RolloutBackend):
         self.llm = vllm.LLM(**kwargs)
         self.sync_weights()
 
-    def prompt_embeds(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``[B, T, d]`` prompt embeddings with each vector injected by the AV's own hook."""
-        vb = self.verbalizer
-        emb = vb.model.get_input_embeddings()
-        device = emb.weight.device
-        ids = torch.tensor([vb.prompt_ids()] * len(vectors), device=device)
-        with torch.no_grad(), vb.injector(vectors):
-            # The hook sits on the embedding module's output, so calling the module injects.
-            return emb(ids).detach().cpu()
-
     def generate(self, vectors: torch.Tensor, n: int, settings: SamplingSettings, seed: int) -> list[Rollout]:
         settings.check()
         vectors = torch.as_tensor(vectors).float()
         check_vectors(vectors, self.verbalizer.d_model)
-        embeds = self.prompt_embeds(vectors)
-        end_ids = list(self.verbalizer.end_ids)
+        embeds = build_prompt_embeds(self.verbalizer, vectors)
         params = [
             self._vllm.SamplingParams(n=n, temperature=settings.temperature, top_p=settings.top_p, top_k=-1,
-                                      max_tokens=settings.max_new_tokens, stop_token_ids=end_ids, seed=seed + i)
+                                      max_tokens=settings.max_new_tokens,
+                                      stop_token_ids=list(self.verbalizer.end_ids), seed=seed + i)
             for i in range(len(vectors))
         ]
         outs = self.llm.generate([{"prompt_embeds": e} for e in embeds], params, lora_request=self._lora_request,
                                  use_tqdm=False)
-        rollouts = []
-        for i, out in enumerate(outs):
-            for comp in out.outputs:
-                ids = list(comp.token_ids)
-                stop = getattr(comp, "stop_reason", None)
-                # vLLM may leave a stop_token_ids hit out of token_ids; put the action back.
-                if comp.finish_reason == "stop" and (not ids or ids[-1] not in end_ids):
-                    ids.append(int(stop) if isinstance(stop, int) else end_ids[0])
-                rollouts.append(make_rollout(self.verbalizer, i, ids))
-        return rollouts
+        return rollouts_from_vllm(self.verbalizer, outs)
 
     def sync_weights(self) -> None:
         model = self.verbalizer.model
         self._version += 1
         if self.lora_rank:
+            import shutil
+
             from vllm.lora.request import LoRARequest
 
-            path = Path(self._adapter_dir.name) / f"v{self._version}"
+            root = Path(self._adapter_dir.name)
+            path = root / f"v{self._version}"
             model.save_pretrained(str(path))
             self._lora_request = LoRARequest(f"nla-rl-{self._version}", self._version, str(path))
+            # vLLM has read an adapter by the time the next one is saved: keep disk use flat.
+            shutil.rmtree(root / f"v{self._version - 2}", ignore_errors=True)
             return
         if self._version == 1:
             return  # the engine was started from these very weights
-        try:
-            runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
-            runner.model.load_weights(weights=list(model.state_dict().items()))
-        except AttributeError as exc:
-            raise NLAError(f"vLLM {getattr(self._vllm, '__version__', '?')}: cannot push full-model weights into "
-                           f"the engine ({exc}); train the AV with LoRA (--lora-r) to use vLLM") from None
+        from functools import partial
+
+        self.llm.apply_model(partial(_load_into_engine_model, vllm_weight_items(model)))
 
 
 def make_backend(name: str, verbalizer: Verbalizer, *, base_dir: str | Path | None = None,

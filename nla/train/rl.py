@@ -43,7 +43,13 @@ from nla.config import BUNDLE_ENTRIES, claim_output, config_to_dict, opt, save_c
 from nla.errors import NLAError
 from nla.models.injection import Injector
 from nla.train import loop
-from nla.train.generation import Rollout, RolloutBackend, SamplingSettings, make_backend
+from nla.train.generation import (
+    Rollout,
+    RolloutBackend,
+    SamplingSettings,
+    make_backend,
+    vllm_weight_items,
+)
 from nla.train.rewards import (
     RewardFn,
     group_advantages,
@@ -426,8 +432,8 @@ class RLTrainer:
             av = self.nla.av_model
             with av.disable_adapter() if _is_peft(av) else nullcontext():
                 model = av.get_base_model() if _is_peft(av) else av
-                state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
-                model.save_pretrained(base_dir, state_dict=state)
+                # The same checkpoint names the later weight pushes use (generation.vllm_weight_items).
+                model.save_pretrained(base_dir, state_dict=dict(vllm_weight_items(av)))
             self.nla.tokenizer.save_pretrained(base_dir)
         return make_backend(cfg.generation_backend, self.nla.verbalizer, base_dir=base_dir,
                             lora_rank=cfg.lora_r or None, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
