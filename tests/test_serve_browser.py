@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -41,7 +42,7 @@ def _chromium() -> str:
 def server(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     out = tmp_path_factory.mktemp("serve_browser") / "run"
     NLA.initialize("tiny:llama", dataset=tiny_dataset).save_pretrained(out)
-    cfg = ServeConfig(default_new_tokens=6, max_new_tokens=16, torch_threads=1)
+    cfg = ServeConfig(default_new_tokens=6, max_new_tokens=16, torch_threads=1, data=str(tiny_dataset))
     with running_server(create_app(NLA.from_pretrained(out), cfg)) as url:
         yield url
 
@@ -136,3 +137,27 @@ def test_vector_panel_pasted_json_uploaded_npy_and_errors(page: Any, server: str
     items = [el.text_content() for el in page.query_selector_all("#vector-results .vector-result")]
     assert items[0].startswith("[0] ") and items[1].startswith("[1] ")
     assert json.loads(page.text_content("#json-view"))["results"][1]["index"] == 1
+
+
+def test_search_panel_lists_what_the_api_answers(page: Any, server: str) -> None:
+    query = "a keyword inside Python code"
+    page.fill("#search-text", query)
+    page.fill("#search-k", "4")
+    page.check("#search-explain")
+    page.click("#search")
+    page.wait_for_function("document.querySelectorAll('#search-results .search-hit').length === 4")
+    assert page.is_hidden("#error")
+    with httpx.Client(base_url=server) as c:
+        want = c.post("/v1/search", json={"text": query, "k": 4, "explain": True}).json()["hits"]
+    items = page.query_selector_all("#search-results .search-hit")
+    assert [int(el.get_attribute("data-row")) for el in items] == [h["row"] for h in want]
+    first = items[0]
+    assert first.query_selector(".hit-av").text_content() == "AV: " + want[0]["av_explanation"]
+    assert f"score {want[0]['score']:.3f}" in first.text_content()
+    assert want[0]["context"].split()[-1] in first.query_selector(".hit-context").text_content()
+
+    # A bad k comes back as the server's message.
+    page.fill("#search-k", "1000")
+    page.click("#search")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "k=1000" in page.text_content("#error")

@@ -71,6 +71,10 @@ async function loadInfo() {
     $("model-info").textContent =
       `${b.base_model} · layer ${b.layer_index} of ${b.n_layers} · d=${b.d_model}` +
       (info.has_mean_vector ? "" : " · no mean vector (FVE unavailable)");
+    if (!info.search_dataset) {
+      $("search-note").textContent = "No dataset to search: start the server with --data DATASET.";
+      $("search").disabled = true;
+    }
     showError("");
   } catch (err) {
     showError(err.message);
@@ -211,6 +215,44 @@ async function verbalize() {
   }
 }
 
+function tail(text, n) {
+  const t = (text || "").replace(/\s+/g, " ");
+  return t.length <= n ? t : "…" + t.slice(t.length - n + 1);
+}
+
+async function search() {
+  const list = $("search-results");
+  list.replaceChildren();
+  try {
+    const data = await api("/v1/search", {
+      text: $("search-text").value, k: intOrNull("search-k") || 10, explain: $("search-explain").checked,
+    });
+    for (const h of data.hits) {
+      const li = document.createElement("li");
+      li.className = "search-hit";
+      li.dataset.row = h.row;
+      const head = document.createElement("div");
+      head.textContent = `score ${fmt(h.score)} · cos ${fmt(h.cosine)} · ${h.doc_id}@${h.position}`;
+      const ctx = document.createElement("pre");
+      ctx.className = "hit-context";
+      ctx.textContent = tail(h.context, 160);
+      li.append(head, ctx);
+      for (const [label, value, cls] of [["teacher", h.teacher_label, "hit-teacher"], ["AV", h.av_explanation, "hit-av"]]) {
+        if (value === null || value === undefined) continue;
+        const d = document.createElement("div");
+        d.className = cls;
+        d.textContent = `${label}: ${value}`;
+        li.append(d);
+      }
+      list.append(li);
+    }
+    setResult(data);
+    showError("");
+  } catch (err) {
+    showError(err.message);
+  }
+}
+
 async function copyJson() {
   const text = JSON.stringify(lastResult, null, 2);
   try {
@@ -232,5 +274,7 @@ $("tokenize").addEventListener("click", tokenize);
 $("text").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) tokenize(); });
 $("verbalize").addEventListener("click", verbalize);
 $("copy-json").addEventListener("click", copyJson);
+$("search").addEventListener("click", search);
+$("search-text").addEventListener("keydown", (e) => { if (e.key === "Enter") search(); });
 $("api-key").addEventListener("change", loadInfo);
 loadInfo();
