@@ -415,3 +415,30 @@ def test_a_gain_made_of_hedging_is_reported(tmp_path: Path, capsys: pytest.Captu
     assert write(0.19)["hedging"] is False  # within noise
     assert write(0.30)["hedging"] is False
     assert "hedging" not in capsys.readouterr().err
+
+
+def test_load_in_4bit_is_a_one_line_error_without_a_gpu(warm_start: Path, tiny_dataset: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """QLoRA needs CUDA + bitsandbytes: on CPU the flag fails at once, in one line, before the run
+    directory exists; the shared loader refuses too, and the quantisation recipe is QLoRA's."""
+    from nla.cli import main
+    from nla.models.loading import load_in_4bit, load_model, loading_in_4bit, quantization_config
+
+    out = tmp_path / "q"
+    base = ["train", "rl", "--nla", str(warm_start), "--data", str(tiny_dataset), "--out", str(out),
+            "--device", "cpu", "--load-in-4bit"]
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--load-in-4bit needs a CUDA GPU" in err and "Traceback" not in err
+    assert not out.exists()
+    assert main([*base, "--lora-r", "0"]) == 2
+    assert "--lora-r 0 (full fine-tuning) cannot update them" in capsys.readouterr().err
+    with pytest.raises(NLAError, match="needs a CUDA GPU"), load_in_4bit(True, "cpu"):
+        pass
+    assert not loading_in_4bit()  # the refused context left nothing set
+    with load_in_4bit(False, "cpu"):
+        model, _ = load_model("tiny:gpt2", device="cpu")  # disabled: an ordinary load
+    assert next(model.parameters()).dtype == torch.float32
+    q = quantization_config("float32")
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16  # fp32 compute would spend what 4-bit saves

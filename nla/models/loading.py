@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,55 @@ def _quiet_local_load(path: str) -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
+# ---------------------------------------------------------------- 4-bit (QLoRA)
+# Set by the ``load_in_4bit`` context: every model loaded inside it (AV base, AR trunk) comes in
+# as NF4. A context rather than a parameter, so the bundle loader, which calls load_model for
+# both models, needs no change: SFT, RL and eval wrap their loading in it.
+_LOAD_IN_4BIT: ContextVar[bool] = ContextVar("nla_load_in_4bit", default=False)
+
+
+def check_4bit_available(device: str | torch.device | None = None) -> None:
+    """One-line error unless bitsandbytes 4-bit can run here: a CUDA device and the package."""
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise NLAError(f"--load-in-4bit needs a CUDA GPU (bitsandbytes NF4 kernels); this run is on {dev.type}: "
+                       "drop the flag (use --dtype bfloat16 on a GPU, float32 on CPU)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise NLAError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes")
+
+
+def quantization_config(dtype: str | torch.dtype = "bfloat16") -> Any:
+    """QLoRA's recipe: NF4 weights, double quantisation, matmuls in ``dtype`` (bf16 if fp32 asked)."""
+    from transformers import BitsAndBytesConfig
+
+    compute = parse_dtype(dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        # fp32 matmuls on 4-bit weights would spend the memory 4-bit saves; bf16 is the recipe.
+        bnb_4bit_compute_dtype=torch.bfloat16 if compute == torch.float32 else compute,
+    )
+
+
+@contextlib.contextmanager
+def load_in_4bit(enabled: bool = True, device: str | torch.device | None = None) -> Iterator[None]:
+    """Models loaded inside are 4-bit (NF4) when ``enabled``; checks the GPU and package first."""
+    if not enabled:
+        yield
+        return
+    check_4bit_available(device)
+    token = _LOAD_IN_4BIT.set(True)
+    try:
+        yield
+    finally:
+        _LOAD_IN_4BIT.reset(token)
+
+
+def loading_in_4bit() -> bool:
+    return _LOAD_IN_4BIT.get()
+
+
 def load_model(
     spec: str | None = None,
     *,
@@ -194,17 +244,27 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(spec)
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    quantized = _LOAD_IN_4BIT.get()
+    torch_dtype = parse_dtype(dtype)
+    extra: dict[str, Any] = {}
+    if quantized:
+        check_4bit_available(dev)
+        # A quantized model is placed by from_pretrained and cannot be moved afterwards; its
+        # unquantized parts (embeddings, norms, head) in bf16, not fp32, or they eat the saving.
+        extra = {"quantization_config": quantization_config(dtype), "device_map": {"": dev}}
+        torch_dtype = torch.bfloat16 if torch_dtype == torch.float32 else torch_dtype
     try:
         with _quiet_local_load(path):
             model: Any = AutoModelForCausalLM.from_pretrained(
-                path, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code
+                path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
             )
     except OSError as exc:
         raise NLAError(
             f"cannot load model {spec!r}: {str(exc).splitlines()[0]} "
             "(offline? pass a local folder, or use the embedded default)"
         ) from exc
-    dev = device if isinstance(device, torch.device) else pick_device(device)
-    model = model.to(dev)  # type: ignore[arg-type]
+    if not quantized:
+        model = model.to(dev)  # type: ignore[arg-type]
     model.eval()
     return model, load_tokenizer(spec, trust_remote_code=trust_remote_code)

@@ -42,6 +42,7 @@ from nla import metrics
 from nla.config import BUNDLE_ENTRIES, claim_output, config_to_dict, opt, save_config
 from nla.errors import NLAError
 from nla.models.injection import Injector
+from nla.models.loading import check_4bit_available, load_in_4bit
 from nla.train import loop
 from nla.train.generation import (
     Rollout,
@@ -111,6 +112,7 @@ class RLConfig:
     seed: int = opt(0, help="seed of data order and sampling")
     device: str = opt("auto", help="cpu, cuda, mps, ... (auto: cuda when available)")
     dtype: str = opt("float32", help="model dtype: float32 or bfloat16")
+    load_in_4bit: bool = opt(False, help="QLoRA: load the AV and AR base weights in 4-bit NF4 (CUDA + bitsandbytes; LoRA only)")
     progress: bool = opt(True, help="show a progress bar")
 
 
@@ -382,13 +384,19 @@ class RLTrainer:
                            f"({', '.join(s for s in SPLITS if s != 'rl')})")
         if cfg.updates_per_batch < 1:
             raise NLAError(f"--updates-per-batch must be >= 1, got {cfg.updates_per_batch}")
+        if cfg.load_in_4bit:
+            if cfg.lora_r <= 0:
+                raise NLAError("--load-in-4bit trains LoRA adapters on frozen 4-bit weights; --lora-r 0 (full "
+                               "fine-tuning) cannot update them: pass --lora-r N")
+            check_4bit_available(cfg.device)  # before the run directory is claimed
         self.out = Path(cfg.out)
         # The shared output guard (nla.config.claim_output), before anything is loaded or written.
         claim_output(self.out, command="train rl", force=cfg.force, resume=cfg.resume, owned=RL_OWNED,
                      config_file="train_config.yaml", settings=config_to_dict(cfg), free=RL_RESUME_FREE)
         self.rewards = rewards if rewards is not None else self._rewards_from_config()
         self.ds = ActivationDataset.open(cfg.data)
-        self.nla = NLA.from_pretrained(cfg.nla, device=cfg.device, dtype=cfg.dtype, is_trainable=True)
+        with load_in_4bit(cfg.load_in_4bit, cfg.device):
+            self.nla = NLA.from_pretrained(cfg.nla, device=cfg.device, dtype=cfg.dtype, is_trainable=True)
         meta = self.nla.meta
         if self.ds.meta.d_model != meta.d_model:
             raise NLAError(f"dataset {cfg.data} has d_model={self.ds.meta.d_model}, bundle {cfg.nla} has {meta.d_model}")
@@ -460,7 +468,8 @@ class RLTrainer:
         ckpt = loop.latest_checkpoint(self.out, PHASE)
         if ckpt is None:
             return False
-        saved = NLA.from_pretrained(ckpt, device=self.cfg.device, dtype=self.cfg.dtype, is_trainable=True)
+        with load_in_4bit(self.cfg.load_in_4bit, self.cfg.device):
+            saved = NLA.from_pretrained(ckpt, device=self.cfg.device, dtype=self.cfg.dtype, is_trainable=True)
         extra = loop.checkpoint_extra(ckpt)
         # AR: the checkpoint's, copied into the live modules so the optimizer keeps its params.
         self.nla.ar.load_state_dict(saved.ar.state_dict())
