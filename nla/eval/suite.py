@@ -75,6 +75,9 @@ class EvalConfig:
     device: str = opt("auto", help="cpu, cuda, ... (auto: cuda when available)")
     dtype: str = opt("float32", help="model dtype")
     progress: bool = opt(True, help="show progress bars")
+    tensorboard: bool = opt(False, help="also log the headline numbers to TensorBoard (OUT/tensorboard) if installed")
+    wandb: bool = opt(False, help="also log them to Weights & Biases if installed (key from WANDB_API_KEY)")
+    wandb_project: str = opt("nla", help="W&B project")
 
 
 @dataclass
@@ -690,6 +693,9 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
         raise NLAError("--out is required (the report folder)")
     if cfg.split not in SPLITS:
         raise NLAError(f"--split {cfg.split!r}: unknown split (splits: {', '.join(SPLITS)})")
+    from nla.train.loop import check_logging_backends
+
+    check_logging_backends(cfg.tensorboard, cfg.wandb)  # a missing package fails before the work
     ds = ActivationDataset.open(cfg.data)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -701,4 +707,12 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     result = evaluate(nla, ds, cfg, cache_dir=out / "cache", fingerprint=fingerprint, teacher=teacher)
     result.metrics["bundle"]["path"] = str(cfg.nla)
     write_report(result, out, html_samples=cfg.html_samples)
+    if cfg.tensorboard or cfg.wandb:
+        # The same sinks and flags as training; metrics.json stays the record (no JSONL here).
+        from nla.train.loop import MetricsLogger, flatten_numbers
+
+        mirror = MetricsLogger(out, tensorboard=cfg.tensorboard, wandb=cfg.wandb, wandb_project=cfg.wandb_project,
+                               jsonl=False)
+        mirror.log(0, flatten_numbers(result.metrics), phase="eval")
+        mirror.close()
     return result

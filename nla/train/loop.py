@@ -42,36 +42,53 @@ STATE_PT = "trainer_state.pt"
 
 
 # ---------------------------------------------------------------- logging
+def check_logging_backends(tensorboard: bool = False, wandb: bool = False) -> None:
+    """One-line error for an asked-for sink whose package is missing (before any work is done)."""
+    if tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise NLAError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)") from None
+    if wandb:
+        try:
+            import wandb as wandb_module  # noqa: F401
+        except ImportError:
+            raise NLAError("--wandb: the wandb package is not installed (pip install wandb)") from None
+
+
 class MetricsLogger:
-    """Append-only JSONL metrics, mirrored to TensorBoard / W&B when installed and asked for."""
+    """Append-only JSONL metrics, mirrored to TensorBoard / W&B when installed and asked for.
+
+    ``jsonl=False`` mirrors only (``nla eval`` writes its own metrics.json). The same three
+    flags (``--tensorboard``, ``--wandb``, ``--wandb-project``) drive SFT, RL and eval.
+    """
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = False, wandb: bool = False,
-                 wandb_project: str = "nla", run_name: str | None = None, enabled: bool = True):
+                 wandb_project: str = "nla", run_name: str | None = None, enabled: bool = True,
+                 jsonl: bool = True):
         self.path = Path(run_dir) / METRICS_FILE
         self.enabled = enabled  # False on non-main processes under accelerate
+        self.jsonl = jsonl
         self._tb: Any = None
         self._wandb: Any = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_logging_backends(tensorboard, wandb)
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise NLAError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)") from None
+            from torch.utils.tensorboard import SummaryWriter
+
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         if wandb:
-            try:
-                import wandb as wandb_module
-            except ImportError:
-                raise NLAError("--wandb: the wandb package is not installed (pip install wandb)") from None
+            import wandb as wandb_module
+
             # The API key comes from the environment (WANDB_API_KEY); it is never written here.
             self._wandb = wandb_module.init(project=wandb_project, name=run_name or Path(run_dir).name,
                                             dir=str(run_dir), resume="allow")
 
     def truncate_after(self, step: int, phase: str | None = None) -> None:
         """Drop records past ``step`` (of ``phase``): a resumed run re-logs them."""
-        if not self.enabled or not self.path.exists():
+        if not self.enabled or not self.jsonl or not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path)
                 if not ((phase is None or r.get("phase") == phase) and r.get("step", 0) > step)]
@@ -84,9 +101,10 @@ class MetricsLogger:
             return
         record = {"step": int(step), "phase": phase, "time": round(time.time(), 3)}
         record.update({k: _jsonable(v) for k, v in values.items()})
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
+        if self.jsonl:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
         numeric = {f"{phase}/{k}": v for k, v in record.items()
                    if k not in ("step", "time", "phase") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
@@ -100,6 +118,18 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def flatten_numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """``{"a": {"b": 1.0}}`` → ``{"a/b": 1.0}``: the numbers of a nested report, for the mirrors."""
+    out: dict[str, float] = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten_numbers(v, key + "/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = float(v)
+    return out
 
 
 def _jsonable(v: Any) -> Any:

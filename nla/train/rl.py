@@ -63,7 +63,8 @@ PHASE = "rl"
 SUMMARY_FILE = "rl_summary.json"
 # What an RL run writes into --out (--force removes exactly these) and the settings a resume may change.
 RL_OWNED = (*BUNDLE_ENTRIES, "train_config.yaml", loop.METRICS_FILE, loop.PLOT_FILE, loop.CHECKPOINTS, SUMMARY_FILE)
-RL_RESUME_FREE = frozenset({"resume", "force", "progress", "device", "save_every", "keep_checkpoints"})
+RL_RESUME_FREE = frozenset({"resume", "force", "progress", "device", "save_every", "keep_checkpoints",
+                            "tensorboard", "wandb", "wandb_project"})
 
 
 @dataclass
@@ -114,6 +115,9 @@ class RLConfig:
     dtype: str = opt("float32", help="model dtype: float32 or bfloat16")
     load_in_4bit: bool = opt(False, help="QLoRA: load the AV and AR base weights in 4-bit NF4 (CUDA + bitsandbytes; LoRA only)")
     progress: bool = opt(True, help="show a progress bar")
+    tensorboard: bool = opt(False, help="also log to TensorBoard (RUN/tensorboard) if installed")
+    wandb: bool = opt(False, help="also log to Weights & Biases if installed (key from WANDB_API_KEY)")
+    wandb_project: str = opt("nla", help="W&B project")
 
 
 # ---------------------------------------------------------------- data order
@@ -389,6 +393,7 @@ class RLTrainer:
                 raise NLAError("--load-in-4bit trains LoRA adapters on frozen 4-bit weights; --lora-r 0 (full "
                                "fine-tuning) cannot update them: pass --lora-r N")
             check_4bit_available(cfg.device)  # before the run directory is claimed
+        loop.check_logging_backends(cfg.tensorboard, cfg.wandb)
         self.out = Path(cfg.out)
         # The shared output guard (nla.config.claim_output), before anything is loaded or written.
         claim_output(self.out, command="train rl", force=cfg.force, resume=cfg.resume, owned=RL_OWNED,
@@ -660,7 +665,8 @@ class RLTrainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out / "train_config.yaml")
-        logger = loop.MetricsLogger(self.out)
+        logger = loop.MetricsLogger(self.out, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                                    wandb_project=cfg.wandb_project)
         resumed = cfg.resume and self.try_resume()
         if cfg.resume and not resumed:
             print(f"nla train rl: no checkpoint in {self.out}, starting fresh", file=sys.stderr)
