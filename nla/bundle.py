@@ -500,8 +500,9 @@ class NLA:
                     row["fve_nrm"] = float(value)
         return RoundTrip([a.explanation for a in answers], [a.raw for a in answers], recon, per, summary)
 
-    def base_states(self, text: str) -> tuple[list[int], torch.Tensor]:
-        """Token ids of ``text`` and the block-K state at every position (the dataset's vectors).
+    def base_states(self, text: str | list[int]) -> tuple[list[int], torch.Tensor]:
+        """Token ids of ``text`` (or the ids given) and the block-K state at every position
+        (the dataset's vectors).
 
         Vectors must come from the *base* model: with LoRA that is the AV with its adapter
         disabled (no second copy); a fully fine-tuned AV is not the base, so the base is loaded
@@ -510,7 +511,7 @@ class NLA:
         from nla.data.extract import BlockOutput, block_states
         from nla.models.loading import load_model
 
-        ids = self.tokenizer.encode(text, add_special_tokens=True)
+        ids = list(text) if isinstance(text, list) else self.tokenizer.encode(text, add_special_tokens=True)
         if not ids:
             raise NLAError("text is empty")
         pad = self.tokenizer.pad_token_id or 0
@@ -527,9 +528,24 @@ class NLA:
         with BlockOutput(self._base, self.meta.layer_index) as runner:
             return ids, block_states(runner, [ids], pad, self.device)[0]
 
-    def explain(self, text: str, positions: list[int] | None = None, **generate_kwargs: Any) -> list[dict[str, Any]]:
-        """Verbalize the block-K state at chosen (default: all) token positions of ``text``."""
-        ids, states = self.base_states(text)
+    def explain(self, text: str | list[dict[str, str]], positions: list[int] | None = None,
+                **generate_kwargs: Any) -> list[dict[str, Any]]:
+        """Verbalize the block-K state at chosen (default: all) token positions of ``text``.
+
+        ``text`` may be a chat transcript, ``[{"role": ..., "content": ...}, ...]``: it is
+        rendered with the model's chat template and each result also carries the token's
+        ``role`` and ``part`` (``content`` or ``template``), see :mod:`nla.chat`.
+        """
+        transcript = None
+        source: str | list[int]
+        if isinstance(text, list):
+            from nla.chat import render_transcript
+
+            transcript = render_transcript(self.tokenizer, text)
+            source = transcript.ids
+        else:
+            source = text
+        ids, states = self.base_states(source)
         if positions is None:
             positions = list(range(len(ids)))
         for p in positions:
@@ -546,6 +562,7 @@ class NLA:
                 "explanation": trip.explanations[i],
                 "raw": trip.raw[i],
                 **trip.per_vector[i],
+                **({"role": transcript.roles[p], "part": transcript.parts[p]} if transcript is not None else {}),
             }
             for i, p in enumerate(positions)
         ]

@@ -161,3 +161,32 @@ def test_search_panel_lists_what_the_api_answers(page: Any, server: str) -> None
     page.click("#search")
     page.wait_for_selector("#error:not([hidden])")
     assert "k=1000" in page.text_content("#error")
+
+
+def test_chat_transcript_tokens_carry_roles(page: Any, server: str) -> None:
+    messages = [{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "A sequence."}]
+    page.check("#chat-mode")
+    page.fill("#text", json.dumps(messages))
+    page.click("#tokenize")
+    page.wait_for_selector("#tokens .token[data-role=assistant]")
+    with httpx.Client(base_url=server) as c:
+        want = c.post("/v1/explain", json={"messages": messages, "positions": []}).json()["tokens"]
+    chips = page.query_selector_all("#tokens .token")
+    assert [ch.get_attribute("data-role") for ch in chips] == [t["role"] for t in want]
+    assert "role-user" in chips[[t["role"] for t in want].index("user")].get_attribute("class")
+
+    # Clicking an assistant token explains the state in the rendered transcript.
+    pos = max(i for i, t in enumerate(want) if t["role"] == "assistant" and t["part"] == "content")
+    page.click(f'#tokens .token[data-position="{pos}"]')
+    page.wait_for_function(f"document.getElementById('d-position').textContent === '{pos}'")
+    page.wait_for_selector("#detail[data-state=done]", state="visible")
+    with httpx.Client(base_url=server) as c:
+        result = c.post("/v1/explain", json={"messages": messages, "positions": [pos]}).json()["results"][0]
+    assert page.text_content("#explanation") == _expected(result)
+
+    # Text that is not JSON is reported on the page, not sent.
+    page.fill("#text", "not json")
+    page.click("#tokenize")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "not valid JSON" in page.text_content("#error")
+    page.uncheck("#chat-mode")

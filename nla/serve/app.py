@@ -96,8 +96,16 @@ class GenerationOptions(BaseModel):
     top_p: float = Field(default=1.0, description="nucleus sampling mass (with sample)")
 
 
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
 class ExplainRequest(GenerationOptions):
-    text: str = Field(description="text the base model reads; its block-K states are explained")
+    text: str | None = Field(default=None, description="text the base model reads; its block-K states are explained")
+    messages: list[ChatMessage] | None = Field(
+        default=None, description="a chat transcript instead of text: rendered with the model's chat template, "
+                                  "each token tagged with its turn's role")
     positions: list[int] | None = Field(
         default=None, description="token positions to explain (negative counts from the end); null: all; []: tokens only"
     )
@@ -107,6 +115,8 @@ class Token(BaseModel):
     position: int
     id: int
     text: str
+    role: str | None = Field(default=None, description="with messages: the role of the turn the token belongs to")
+    part: str | None = Field(default=None, description="with messages: 'content' or 'template' (the template's markup)")
 
 
 class Sample(BaseModel):
@@ -411,14 +421,28 @@ class NLAService:
         return samples
 
     async def explain(self, req: ExplainRequest) -> ExplainResponse:
-        self.check_text(req.text, "text")
+        transcript = None
+        if req.messages is not None:
+            from nla.chat import render_transcript
+
+            self.check_text("".join(m.content for m in req.messages) or " ", "messages (all contents together)")
+            transcript = await self.thread.run(render_transcript, self.nla.tokenizer,
+                                               [m.model_dump() for m in req.messages])
+        elif req.text is None:
+            raise ClientError(422, "invalid", "body.text: Field required (or send messages, a chat transcript)")
+        else:
+            self.check_text(req.text, "text")
+        text = req.text or ""
         key = self.gen_key(req)
-        ids = await self.thread.run(self._tokenize, req.text)
+        ids = transcript.ids if transcript is not None else await self.thread.run(self._tokenize, text)
         if len(ids) > self.config.max_tokens:
             raise ClientError(413, "too_large", f"text is {len(ids)} tokens; the limit is {self.config.max_tokens} "
                                                 "(--max-tokens)")
         token_texts = await self.thread.run(self._token_texts, ids)
         tokens = [Token(position=i, id=t, text=s) for i, (t, s) in enumerate(zip(ids, token_texts))]
+        if transcript is not None:
+            for tok, role, part in zip(tokens, transcript.roles, transcript.parts):
+                tok.role, tok.part = role, part
         positions = list(range(len(ids))) if req.positions is None else list(req.positions)
         if not positions:
             return ExplainResponse(tokens=tokens, results=[])
@@ -430,7 +454,7 @@ class NLAService:
             if not -len(ids) <= p < len(ids):
                 raise ClientError(422, "invalid", f"position {p} is out of range: the text has {len(ids)} tokens")
         positions = [p % len(ids) for p in positions]
-        state_ids, states = await self.thread.run(self.nla.base_states, req.text)
+        state_ids, states = await self.thread.run(self.nla.base_states, ids if transcript is not None else text)
         if list(state_ids) != ids:  # both come from the same tokenizer call; a mismatch is a bug
             raise RuntimeError("tokenization changed between calls")
         states = states.float().cpu()

@@ -81,13 +81,23 @@ async function loadInfo() {
   }
 }
 
+// The text box holds plain text, or with "chat transcript" ticked a JSON list of messages that
+// the server renders with the model's chat template.
+function textBody() {
+  if (!$("chat-mode").checked) return { text: $("text").value };
+  let messages;
+  try { messages = JSON.parse($("text").value); } catch (err) {
+    throw new Error("chat transcript: not valid JSON (" + err.message + ")");
+  }
+  return { messages };
+}
+
 async function tokenize() {
-  const text = $("text").value;
   const mine = ++tokenRequest;
   $("status").textContent = "tokenizing…";
   $("detail").hidden = true;
   try {
-    const data = await api("/v1/explain", { text, positions: [] });
+    const data = await api("/v1/explain", { ...textBody(), positions: [] });
     if (mine !== tokenRequest) return;
     renderTokens(data.tokens);
     setResult(data);
@@ -108,7 +118,12 @@ function renderTokens(tokens) {
     span.textContent = t.text === "" ? "∅" : t.text.replace(/\n/g, "↵");
     if (/^<.*>$/.test(t.text)) span.classList.add("special");
     span.dataset.position = String(t.position);
-    span.title = `position ${t.position}, id ${t.id}`;
+    span.title = `position ${t.position}, id ${t.id}` + (t.role ? `, ${t.role} (${t.part})` : "");
+    if (t.role) {
+      span.dataset.role = t.role;
+      span.classList.add("role-" + t.role.replace(/[^a-z0-9_-]/gi, ""));
+      if (t.part === "template") span.classList.add("template");
+    }
     span.addEventListener("click", () => explainPosition(t.position));
     box.appendChild(span);
   }
@@ -122,7 +137,7 @@ async function explainPosition(position) {
   $("status").textContent = `explaining position ${position}…`;
   $("detail").dataset.state = "loading";
   try {
-    const data = await api("/v1/explain", { text: $("text").value, positions: [position], ...genOptions("n") });
+    const data = await api("/v1/explain", { ...textBody(), positions: [position], ...genOptions("n") });
     if (mine !== tokenRequest) return;
     renderDetail(data.results[0]);
     setResult(data.results[0]);
