@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import torch
 
+from nla.config import DTYPE_CHOICES, check_device, claim_bundle_folder
 from nla.errors import NLAError
 
 
@@ -20,11 +22,12 @@ def cmd_init(args: Any) -> None:
     from nla.bundle import NLA, LoraSettings
 
     out = Path(args.out)
-    # A bundle folder may hold a trained run: never replace one by an untrained bundle by accident.
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise NLAError(f"--out {out} exists and is not empty (pass --force to replace it)")
     if args.lora_r < 0:
         raise NLAError(f"--lora-r must be 0 (full) or a positive rank, got {args.lora_r}")
+    if args.injection_scale is not None and not (math.isfinite(args.injection_scale) and args.injection_scale > 0):
+        raise NLAError(f"--injection-scale must be a positive finite number, got {args.injection_scale}")
+    # A bundle folder may hold a trained run: never replace one by an untrained bundle by accident.
+    claim_bundle_folder(out, command="init", force=args.force)
     nla = NLA.initialize(
         args.model, dataset=args.data, layer=args.layer, injection_mode=args.injection,
         injection_scale=args.injection_scale, lora=LoraSettings(r=args.lora_r) if args.lora_r else None,
@@ -44,8 +47,9 @@ def cmd_verbalize(args: Any) -> None:
         raise NLAError(f"--n must be at least 1, got {args.n}")
     if args.max_new_tokens < 1:
         raise NLAError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_device(args.device, "--device")
     vectors = load_vectors(args.vectors) if args.vectors else None
-    nla = NLA.from_pretrained(args.nla, device=args.device)
+    nla = NLA.from_pretrained(args.nla, device=args.device, dtype=args.dtype)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.n > 1 or args.sample, seed=args.seed)
     if vectors is not None:
         nla.check_vectors(vectors)
@@ -71,14 +75,26 @@ def cmd_verbalize(args: Any) -> None:
 
 
 def cmd_reconstruct(args: Any) -> None:
+    import os
+    from pathlib import Path
+
     from nla.bundle import NLA
 
-    nla = NLA.from_pretrained(args.nla, device=args.device)
+    check_device(args.device, "--device")
+    if args.out and Path(args.out).is_dir():
+        raise NLAError(f"--out {args.out}: is a folder; give a .safetensors file path")
+    nla = NLA.from_pretrained(args.nla, device=args.device, dtype=args.dtype)
     vecs = nla.reconstruct(args.texts)
     if args.out:
         from safetensors.torch import save_file
 
-        save_file({"vectors": vecs.contiguous()}, args.out)
+        # Atomic: a full disk leaves the old file (or none), never half a tensor file.
+        tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp")
+        try:
+            save_file({"vectors": vecs.contiguous()}, str(tmp))
+            os.replace(tmp, args.out)
+        finally:
+            tmp.unlink(missing_ok=True)
     if args.json or not args.out:
         _print_json([{"text": t, "vector": v.tolist(), "norm": float(torch.linalg.norm(v))}
                      for t, v in zip(args.texts, vecs)])
@@ -94,7 +110,7 @@ def register(sub: Any) -> None:
     p.add_argument("--injection-scale", type=float, default=None)
     p.add_argument("--lora-r", type=int, default=0, help="wrap AV/AR in LoRA adapters of this rank (0: full)")
     p.add_argument("--out", required=True, help="bundle folder to write")
-    p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
+    p.add_argument("--force", action="store_true", help="replace --out if it already holds a bundle")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("verbalize", help="vectors (or a text's positions) → explanations")
@@ -107,7 +123,8 @@ def register(sub: Any) -> None:
     p.add_argument("--sample", action="store_true", help="sample even with --n 1 (default greedy)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="dtype to load the bundle in")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_verbalize)
 
@@ -115,6 +132,7 @@ def register(sub: Any) -> None:
     p.add_argument("--nla", required=True, help="bundle folder")
     p.add_argument("texts", nargs="+", help="explanation texts")
     p.add_argument("--out", default=None, help="write the vectors to this .safetensors file")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="dtype to load the bundle in")
     p.add_argument("--json", action="store_true", help="print JSON (default when --out is not given)")
     p.set_defaults(func=cmd_reconstruct)

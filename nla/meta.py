@@ -8,9 +8,11 @@ one used in training is exactly the silent failure this prevents).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 
@@ -27,6 +29,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise NLAError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise NLAError(f"{path}: is a folder, expected a YAML file") from None
+    except PermissionError:
+        raise NLAError(f"{path}: permission denied") from None
     except UnicodeDecodeError:
         raise NLAError(f"{path}: not UTF-8 text") from None
     try:
@@ -43,12 +49,62 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+REDACTED = "REDACTED"
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its secrets: user-info (``user:KEY@``) and every query value
+    (``?api-key=KEY``) are replaced, the fragment dropped. Endpoints take keys in both places,
+    and which query parameter is a key cannot be told from its name, so none is kept."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if not parts.scheme or not parts.netloc:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}@" + netloc.rsplit("@", 1)[1]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, REDACTED) for k, _ in pairs]) if pairs else REDACTED
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def redact_text(text: str) -> str:
+    """Every URL inside ``text`` redacted (error messages quote URLs and servers echo them)."""
+    return _URL.sub(lambda m: redact_url(m.group(0)), text)
+
+
+def redact_secrets(data: Any) -> Any:
+    """A copy of ``data`` (dicts, lists, strings) with every URL in it redacted."""
+    if isinstance(data, dict):
+        return {k: redact_secrets(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [redact_secrets(v) for v in data]
+    if isinstance(data, str) and "://" in data:
+        return redact_text(data)
+    return data
+
+
 def write_yaml(path: str | Path, data: dict[str, Any]) -> None:
-    """Atomic write: a kill mid-write leaves the old file, never half a sidecar."""
+    """Atomic write: a kill mid-write leaves the old file, never half a sidecar.
+
+    URLs are redacted on the way (docs/guarantees.md, "Secrets"): every sidecar and saved
+    config goes through here, so an API key inside a ``--base-url`` never reaches disk.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise NLAError(f"{path}: is a folder, expected a YAML file path")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(yaml.safe_dump(redact_secrets(data), sort_keys=False, allow_unicode=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written temp file behind
+        raise
 
 
 def require(data: dict[str, Any], dotted: str, where: str | Path, kind: type | tuple = object) -> Any:

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nla.config import config_from_dict, config_to_dict, opt
+from nla.config import check_device, config_from_dict, config_to_dict, opt
 from nla.errors import NLAError
-from nla.meta import read_yaml, write_yaml
+from nla.meta import read_yaml, redact_secrets, write_yaml
 
 STAMP = ".nla_stage.json"
 
@@ -80,6 +80,7 @@ class Stage:
     depends: list[str] = field(default_factory=list)
     reset: Callable[[], None] | None = None  # undo side effects outside `output` before a redo
     fingerprint: str = ""
+    counts: dict[str, int] = field(default_factory=dict)  # rows done / failed, recorded in the stamp
 
 
 def _fingerprint(settings: dict[str, Any], upstream: list[str]) -> str:
@@ -99,8 +100,11 @@ def read_stamp(output: Path) -> dict[str, Any] | None:
 
 def write_stamp(stage: Stage) -> None:
     stage.output.mkdir(parents=True, exist_ok=True)
-    data = {"stage": stage.name, "fingerprint": stage.fingerprint, "settings": stage.settings,
+    # Settings are redacted: a --base-url may carry an API key (the fingerprint is a hash).
+    data = {"stage": stage.name, "fingerprint": stage.fingerprint, "settings": redact_secrets(stage.settings),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if stage.counts:
+        data["counts"] = stage.counts
     tmp = stage.output / (STAMP + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     tmp.replace(stage.output / STAMP)
@@ -124,7 +128,7 @@ def status_of(stage: Stage) -> tuple[str, str]:
     if stamp is not None:
         if stamp.get("fingerprint") == stage.fingerprint:
             return "done", "outputs complete, settings unchanged"
-        why = _changed(stamp.get("settings", {}), stage.settings)
+        why = _changed(stamp.get("settings", {}), redact_secrets(stage.settings))
         return "stale", why or "an upstream stage changed"
     if stage.output.exists() and any(stage.output.iterdir()):
         return "resume", "interrupted earlier; continues where it stopped"
@@ -138,7 +142,8 @@ def load_run_config(path: str | None, overrides: dict[str, Any] | None = None) -
         data["rl_train"] = data.pop("rl")
         data["rl"] = True
     data.update(overrides or {})
-    return config_from_dict(RunConfig, data, where=path or "defaults")
+    # Devices are checked when the run starts (run_pipeline), so a GPU plan can be read anywhere.
+    return config_from_dict(RunConfig, data, where=path or "defaults", devices=False)
 
 
 def build_stages(cfg: RunConfig) -> list[Stage]:
@@ -202,6 +207,12 @@ def run_pipeline(cfg: RunConfig, *, dry_run: bool = False, rebuild: bool = False
             f"stage {stage.name!r} in {stage.output} was made with other settings ({why}); "
             "pass --rebuild to redo it and the stages after it, or choose another work_dir"
         )
+    # Devices are checked before anything is written (a plan may name a GPU this machine lacks).
+    check_device(cfg.device, "device")
+    for name in ("extract", "label", "sft", "rl_train", "eval"):
+        section = getattr(cfg, name)
+        if isinstance(section.get("device"), str):
+            check_device(section["device"], f"{name}.device")
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     write_yaml(Path(cfg.work_dir) / "run_config.yaml", config_to_dict(cfg))
     for stage, status, _ in rows:

@@ -21,7 +21,7 @@ def _resolve(cls: type, base: dict[str, Any], section: dict[str, Any], where: st
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in base.items() if k in names}
     values.update(section)
-    return config_from_dict(cls, values, where=where)
+    return config_from_dict(cls, values, where=where, devices=False)
 
 
 def _settings(cfg: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -53,15 +53,18 @@ def make_stages(cfg: RunConfig) -> list[Stage]:
                                  "cache": str(work / "label_cache.sqlite")}, cfg.label, "label")
 
     def run_label() -> None:
+        # A run with failed rows raises (unless label.allow_partial): the stage is not stamped,
+        # so the next `nla run` resumes it and asks the teacher again for exactly those rows.
         label_dir.mkdir(parents=True, exist_ok=True)
         summary = label(lab)
-        failed = getattr(summary, "failed", 0)
-        if failed:
-            print(f"label: {failed} rows left unlabelled (counted as failed; training skips them)")
+        label_stage.counts = {"todo": summary.todo, "labelled": summary.labelled, "cached": summary.cached,
+                              "failed": summary.failed}
 
-    stages.append(Stage("label", _settings(lab, ("data", "device", "progress", "cache", "concurrency")),
+    label_stage = Stage("label", _settings(lab, ("data", "device", "progress", "cache", "concurrency",
+                                                 "allow_partial")),
                         run_label, label_dir, estimate_s=docs * ex.positions_per_doc * 0.08, estimate_mb=1,
-                        depends=["extract"], reset=lambda: clear_explanations(data_dir)))
+                        depends=["extract"], reset=lambda: clear_explanations(data_dir))
+    stages.append(label_stage)
 
     # resume=True: an interrupted training stage continues from its last checkpoint.
     sft = _resolve(SFTConfig, {**shared, "data": str(data_dir), "out": str(sft_dir), "resume": True}, cfg.sft, "sft")
@@ -73,7 +76,7 @@ def make_stages(cfg: RunConfig) -> list[Stage]:
 
         rl = _resolve(RLConfig, {**shared, "nla": str(sft_dir), "data": str(data_dir), "out": str(rl_dir),
                                  "resume": True}, cfg.rl_train, "rl")
-        stages.append(Stage("rl", _settings(rl, ("nla", "data", "out", "device", "resume", "progress")),
+        stages.append(Stage("rl", _settings(rl, ("nla", "data", "out", "device", "resume", "force", "progress")),
                             lambda: train_rl(rl), rl_dir,
                             estimate_s=_rl_estimate(rl), estimate_mb=60, depends=["sft"]))
         last_bundle = rl_dir

@@ -66,7 +66,7 @@ def assert_no_secret(paths: list[Path], *texts: str) -> None:
 def test_chaos_server_every_row_labelled_or_failed_once(data: Path, api_key: str, capsys: pytest.CaptureFixture[str]) -> None:
     plan = FaultPlan(p_429=0.15, p_500=0.15, p_hang=0.04, p_malformed=0.1, hang_s=1.0, seed=1)
     with FakeTeacherServer(plan) as server:
-        summary = label(cfg(data, server.url))
+        summary = label(cfg(data, server.url, allow_partial=True))  # a row or two may fail here
         stats = server.stats
     out = capsys.readouterr()
     table = rows(data)

@@ -28,7 +28,7 @@ from nla.models.layers import check_layer, decoder_blocks, default_layer, hidden
 
 @dataclass
 class ExtractConfig:
-    out: str = opt("", help="output dataset folder")
+    out: str = opt("", help="output dataset folder", required=True)
     model: str = opt("default", help="model: hub id, local path, 'default' (SmolLM2-135M), 'gemma3-270m' or 'tiny:<arch>'")
     layer: int | None = opt(None, help="layer K = output of decoder block K (0-based) = hidden_states[K+1]; default (2*n_layers)//3")
     corpus: str = opt("builtin", help="'builtin', a text/JSONL/Parquet file, a folder of .txt files, or hf:NAME[:CONFIG][:SPLIT]")
@@ -213,6 +213,11 @@ def extract(cfg: ExtractConfig) -> ActivationDataset:
     if cfg.positions_per_doc < 1 or cfg.batch_size < 1 or cfg.docs_per_shard < 1:
         raise NLAError("extract: --positions-per-doc, --batch-size and --docs-per-shard must be ≥ 1")
     out = Path(cfg.out)
+    # Output mistakes are reported before the (slow) corpus and model loads.
+    if out.exists() and not out.is_dir():
+        raise NLAError(f"{out}: is a file; --out must name a folder")
+    if out.is_dir() and not (out / META_NAME).exists() and any(out.iterdir()):
+        raise NLAError(f"{out}: folder exists and is not an activation dataset; choose another --out")
     docs = load_corpus(cfg.corpus, text_column=cfg.text_column, id_column=cfg.id_column, max_docs=cfg.docs)
     spec = canonical_spec(cfg.model)
     device = pick_device(cfg.device)

@@ -7,8 +7,13 @@ from typing import Any
 
 
 def cmd_import(args: Any) -> None:
+    from nla.config import check_device, claim_bundle_folder
     from nla.interop.registry import import_layout
 
+    # The shared output guard, before anything is fetched or loaded: an import never deletes a
+    # folder it did not write (a notes file, a dataset), and replaces a bundle only with --force.
+    claim_bundle_folder(args.out, command="import", force=args.force)
+    check_device(args.device, "--device")
     obj = import_layout(args.source, args.out, layout=args.layout, ar=args.ar, base_model=args.base_model,
                         dtype=args.dtype, device=args.device)
     nla = getattr(obj, "nla", obj)
@@ -31,15 +36,30 @@ def cmd_releases(args: Any) -> None:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("import", help="turn a published NLA (paper, nanoNLA, PEFT pair, universal) into our bundle")
+    from nla.config import DTYPE_CHOICES
+
+    p = sub.add_parser("import", help="turn a published NLA (paper, nanoNLA, anicka, Solshine, universal) into our bundle")
     p.add_argument("source", help="local folder, release name (see `nla releases`) or hub repo id")
     p.add_argument("--out", required=True, help="bundle folder to write")
-    p.add_argument("--layout", default=None, choices=["paper", "nanonla", "peft_pair", "universal", "bundle"],
+    p.add_argument("--layout", default=None, choices=["bundle", "paper", "nanonla", "anicka", "solshine", "universal"],
                    help="expected layout (default: detected from the folder)")
-    p.add_argument("--ar", default=None, help="paper layout: the AR folder when SOURCE is the AV folder")
-    p.add_argument("--base-model", default=None, help="base model to record (default: from the sidecar)")
-    p.add_argument("--dtype", default="float32", help="dtype to load and write the weights in")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--ar", default=None, help="the AR folder when SOURCE is the AV folder and the AR is not "
+                   "next to it under the -av/-ar name")
+    p.add_argument("--base-model", default=None, help="base model to record (default: from the sidecar); "
+                   "explain() reads activations from it")
+    p.add_argument("--injection", default=None, choices=["add", "replace"],
+                   help="nanoNLA: the AV's injection, which its sidecar does not record (nanoNLA trains add)")
+    p.add_argument("--inject-layer", type=int, default=None, help="nanoNLA additive injection block (default 1)")
+    p.add_argument("--inject-coef", type=float, default=None, help="nanoNLA additive injection coefficient (default 1)")
+    p.add_argument("--injection-scale", default=None, help="replace injection scale when the sidecar has none "
+                   "(a number or sqrt_d_model)")
+    p.add_argument("--ar-layer", type=int, default=None, help="Solshine: the block the AR reads (AR_TRUNCATION - 1)")
+    p.add_argument("--depth-pct", type=int, default=None, help="anicka: the depth %% in the AV prompt")
+    p.add_argument("--layer", type=int, default=None, help="universal: K of the AR trunk when ar/nla_meta.yaml lacks it")
+    p.add_argument("--load-in-4bit", action="store_true", help="anicka/Solshine: 4-bit base for the AV (bitsandbytes)")
+    p.add_argument("--force", action="store_true", help="replace --out if it already holds a bundle")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="dtype to load and write the weights in")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     p.set_defaults(func=cmd_import)
     r = sub.add_parser("releases", help="list known released NLAs (names for NLA.from_pretrained / nla import)")
     r.add_argument("--json", action="store_true")

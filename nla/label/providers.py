@@ -26,10 +26,11 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from nla.errors import NLAError
 from nla.label.prompt import SYSTEM_PROMPT, USER_TEMPLATE, build_messages
+from nla.meta import redact_url
 
 
 @dataclass(frozen=True)
@@ -121,14 +122,18 @@ RETRY_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504, 529}
 
 
 def safe_url(url: str) -> str:
-    """The URL without user:password (some proxies take credentials in the URL)."""
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        parts = parts._replace(netloc=host)
-    return urlunsplit(parts)
+    """The URL without user-info or query values (endpoints take keys in both places)."""
+    return redact_url(url)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The password and query values of ``url``: removed from anything a server echoes back."""
+    try:
+        parts = urlsplit(url)
+        values = [v for _, v in parse_qsl(parts.query, keep_blank_values=False)]
+    except ValueError:
+        return []
+    return [s for s in [parts.password or "", parts.username or "", *values] if len(s) >= 4]
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -244,7 +249,7 @@ class HTTPTeacher(Teacher):
             self._idle.put_nowait(client)
         status = resp.status_code
         if status >= 400:
-            detail = _error_text(resp.content, [self._key])
+            detail = _error_text(resp.content, [self._key, *url_secrets(self.base_url)])
             if status in RETRY_STATUSES or status >= 500:
                 raise TransientError(f"HTTP {status} from {where}", _retry_after(resp.headers))
             if status in (401, 403):

@@ -48,7 +48,7 @@ from nla.label.providers import (
 
 @dataclass
 class LabelConfig:
-    data: str = opt("", help="activation dataset folder (or single .parquet file), labelled in place")
+    data: str = opt("", help="activation dataset folder (or single .parquet file), labelled in place", required=True)
     teacher: str = opt("lens", help="lens[:MODEL] (offline, default) | openai:MODEL | anthropic:MODEL | hf:MODEL (hub id, path, 'default', tiny:ARCH)")
     base_url: str | None = opt(None, help="API endpoint; openai default https://api.openai.com/v1, anthropic default https://api.anthropic.com")
     api_key_env: str | None = opt(None, help="environment variable holding the API key (default OPENAI_API_KEY / ANTHROPIC_API_KEY); the key itself is never a setting")
@@ -68,6 +68,8 @@ class LabelConfig:
     retry_failed: bool = opt(False, help="ask again for contexts whose cached answer was malformed")
     price_in: float | None = opt(None, help="USD per million input tokens, for the cost estimate (known models have a default)")
     price_out: float | None = opt(None, help="USD per million output tokens, for the cost estimate")
+    allow_partial: bool = opt(False, help="exit 0 even when some rows could not be labelled (they stay empty; "
+                                          "a re-run retries them)")
     progress: bool = opt(True, help="show a progress bar")
 
 
@@ -435,9 +437,17 @@ def label(cfg: LabelConfig) -> LabelSummary:
     total, done = _count(ds)
     print(f"{ds.path}: {summary.labelled} rows labelled ({summary.cached} from cache), "
           f"{summary.failed} failed; {done}/{total} rows have an explanation")
-    if summary.first_error:
-        print(f"first error: {summary.first_error}", file=sys.stderr)
+    if summary.failed and not cfg.allow_partial:
+        # Failure is visible: rows that could not be labelled fail the command (docs/guarantees.md).
+        first = f"; first error: {summary.first_error}" if summary.first_error else ""
+        raise NLAError(
+            f"{summary.failed} of {summary.todo} rows could not be labelled ({summary.labelled} labelled, "
+            f"{summary.cached} of them from cache){first}; re-run to retry them "
+            "(--retry-failed also re-asks malformed answers), or pass --allow-partial"
+        )
     if summary.failed:
+        if summary.first_error:
+            print(f"first error: {summary.first_error}", file=sys.stderr)
         print("failed rows stay empty; a re-run retries errors, --retry-failed also re-asks "
               "contexts whose answers were malformed", file=sys.stderr)
     return summary

@@ -56,7 +56,7 @@ T = TypeVar("T")
 class ServeConfig:
     """Settings of `nla serve` (each field is a command-line flag)."""
 
-    nla: str = opt("", help="bundle folder to serve (RUN/ with nla_meta.yaml)")
+    nla: str = opt("", help="bundle folder to serve (RUN/ with nla_meta.yaml)", required=True)
     host: str = opt("127.0.0.1", help="interface to bind; anything but loopback exposes the model to the network")
     port: int = opt(8000, help="TCP port (0: any free port)")
     api_key_env: str = opt("", help="name of an environment variable holding a bearer token that /v1/* requires "
@@ -77,7 +77,7 @@ class ServeConfig:
     timeout_s: float = opt(120.0, help="seconds a request may take before a 504")
     torch_threads: int = opt(0, help="torch intra-op threads for the model (0: torch's default, one per core; "
                                      "1 is often faster on a CPU shared with other work)")
-    device: str = opt("", help="device to load the bundle on (default: cuda if available, else cpu)")
+    device: str = opt("auto", help="cpu, cuda, ... (auto: cuda when available)")
     dtype: str = opt("float32", help="dtype to load the bundle in")
     data: str = opt("", help="activation dataset for /v1/search and the explorer's search panel (default: none)")
 
