@@ -73,11 +73,58 @@ class RolloutBackend(ABC):
     """Samples ``n`` answers per vector from the *current* policy."""
 
     @abstractmethod
-    def generate(self, vectors: torch.Tensor, n: int, settings: SamplingSettings, seed: int) -> list[Rollout]:
+    def generate(self, vectors: torch.Tensor, n: int, settings: SamplingSettings, seed: int,
+                 offset: int = 0) -> list[Rollout]:
+        """``n`` answers per vector, group-major. ``offset``: the global index of ``vectors[0]``
+        in the step's batch, so a rank generating its share samples what one process would."""
         ...
 
     def sync_weights(self) -> None:  # noqa: B027 - optional hook, a no-op when weights are shared
         """Called after every policy update; backends holding their own weights copy them here."""
+
+
+def row_key(seed: int, row: int) -> int:
+    """The sampling stream of one answer: a function of (seed, global row) only."""
+    return (seed * 1_000_003 + row * 7_919 + 17) % (2**63 - 1)
+
+
+class RowSeededSampler:
+    """Sampling as argmax of ``logits/T + Gumbel noise``, the noise seeded per (row, position).
+
+    Exactly a draw from the (top-p filtered) softmax at temperature T, but each answer's draws
+    depend only on its own key, never on which other rows share the batch: the same rollouts
+    come out whatever ``--gen-batch-size``, and whatever the number of processes the batch is
+    split over (docs/scaling.md). Installed as a transformers logits processor on a greedy
+    ``generate``, so the KV cache and stopping are transformers' own.
+    """
+
+    def __init__(self, keys: list[int], prompt_len: int, temperature: float, top_p: float):
+        self.keys = keys
+        self.prompt_len = prompt_len
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        pos = input_ids.shape[1] - self.prompt_len
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            logits = top_p_filter(logits, self.top_p)
+        noise = torch.empty_like(logits)
+        for r, key in enumerate(self.keys):
+            gen = torch.Generator(device=logits.device).manual_seed(row_key(key, pos))
+            noise[r] = torch.rand(logits.shape[-1], generator=gen, device=logits.device)
+        tiny = torch.finfo(torch.float32).tiny
+        gumbel = -torch.log((-torch.log(noise.clamp(min=tiny))).clamp(min=tiny))
+        return logits + gumbel
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches ``top_p``."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = torch.softmax(sorted_logits, -1)
+    drop_sorted = (probs.cumsum(-1) - probs) >= top_p  # the mass before this token already suffices
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 class TransformersBackend(RolloutBackend):
@@ -87,7 +134,10 @@ class TransformersBackend(RolloutBackend):
         self.verbalizer = verbalizer
 
     @torch.no_grad()
-    def generate(self, vectors: torch.Tensor, n: int, settings: SamplingSettings, seed: int) -> list[Rollout]:
+    def generate(self, vectors: torch.Tensor, n: int, settings: SamplingSettings, seed: int,
+                 offset: int = 0) -> list[Rollout]:
+        from transformers import LogitsProcessor, LogitsProcessorList
+
         settings.check()
         vb = self.verbalizer
         vectors = torch.as_tensor(vectors).float()
@@ -95,12 +145,15 @@ class TransformersBackend(RolloutBackend):
         model = vb.model
         was_training = model.training
         model.eval()
-        torch.manual_seed(seed)
         device = next(model.parameters()).device
         prompt = vb.prompt_ids()
         pad_id = vb.tokenizer.pad_token_id if vb.tokenizer.pad_token_id is not None else vb.end_ids[0]
         jobs = [i for i in range(len(vectors)) for _ in range(n)]
         rollouts: list[Rollout] = []
+
+        class _Sampler(RowSeededSampler, LogitsProcessor):  # transformers checks the base class
+            pass
+
         try:
             with vb.injector() as injector:
                 for start in range(0, len(jobs), settings.batch_size):
@@ -108,13 +161,15 @@ class TransformersBackend(RolloutBackend):
                     # One prompt for every row (no tags in RL), so no padding is needed.
                     ids = torch.tensor([prompt] * len(chunk), device=device)
                     injector.set_vectors(vectors[chunk])
+                    keys = [row_key(seed, offset * n + start + r) for r in range(len(chunk))]
+                    sampler = _Sampler(keys, len(prompt), settings.temperature, settings.top_p)
                     out = model.generate(
                         input_ids=ids,
                         attention_mask=torch.ones_like(ids),
-                        do_sample=True,
-                        temperature=settings.temperature,
-                        top_p=settings.top_p,
-                        top_k=0,  # a model's default top_k=50 would sample from another distribution than we score
+                        # Greedy over logits + Gumbel noise *is* sampling (RowSeededSampler); the
+                        # model's own sampling defaults (top_k=50, its temperature) never apply.
+                        do_sample=False,
+                        logits_processor=LogitsProcessorList([sampler]),
                         max_new_tokens=settings.max_new_tokens,
                         eos_token_id=vb.end_ids,
                         pad_token_id=pad_id,
@@ -238,7 +293,8 @@ class VLLMBackend(RolloutBackend):
         self.llm = vllm.LLM(**kwargs)
         self.sync_weights()
 
-    def generate(self, vectors: torch.Tensor, n: int, settings: SamplingSettings, seed: int) -> list[Rollout]:
+    def generate(self, vectors: torch.Tensor, n: int, settings: SamplingSettings, seed: int,
+                 offset: int = 0) -> list[Rollout]:
         settings.check()
         vectors = torch.as_tensor(vectors).float()
         check_vectors(vectors, self.verbalizer.d_model)
@@ -246,7 +302,8 @@ class VLLMBackend(RolloutBackend):
         params = [
             self._vllm.SamplingParams(n=n, temperature=settings.temperature, top_p=settings.top_p, top_k=-1,
                                       max_tokens=settings.max_new_tokens,
-                                      stop_token_ids=list(self.verbalizer.end_ids), seed=seed + i)
+                                      stop_token_ids=list(self.verbalizer.end_ids),
+                                      seed=row_key(seed, offset + i) % 2**31)  # per request: split-invariant
             for i in range(len(vectors))
         ]
         outs = self.llm.generate([{"prompt_embeds": e} for e in embeds], params, lora_request=self._lora_request,
