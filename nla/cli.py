@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "reconstruct": "nla.bundle_cli",
     "train": "nla.train.cli",
     "eval": "nla.eval.cli",
+    "bench": "nla.eval.bench",
     "serve": "nla.serve.cli",
     "search": "nla.search",
     "steer": "nla.steer",
