@@ -349,6 +349,8 @@ def test_cli_serves_on_loopback_with_key_from_env_and_never_logs_it(bundle_dir: 
                 assert time.monotonic() < deadline, "server did not start:\n" + log.read_text()
                 time.sleep(0.2)
             assert httpx.get(f"{url}/v1/info").status_code == 401
+            # A key sent in the query string (some clients do) must not reach the access log either.
+            assert httpx.get(f"{url}/healthz?api_key={secret}").status_code == 200
             with Client(url, api_key=secret) as c:
                 assert c.info()["batching"]["enabled"] is False
                 assert len(c.explain("hi there", positions=[-1])["results"]) == 1
@@ -357,7 +359,7 @@ def test_cli_serves_on_loopback_with_key_from_env_and_never_logs_it(bundle_dir: 
             proc.wait(timeout=30)
     text = log.read_text()
     assert "127.0.0.1" in text and "POST /v1/explain" in text  # the access log ran…
-    assert secret not in text  # …and never saw the token
+    assert "GET /healthz" in text and secret not in text  # …and never saw the token, header or query
     assert re.search(r"auth=bearer token from \$NLA_TEST_KEY", text)
 
 

@@ -40,6 +40,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nla import metrics
@@ -79,6 +80,8 @@ class ServeConfig:
                                      "1 is often faster on a CPU shared with other work)")
     device: str = opt("auto", help="cpu, cuda, ... (auto: cuda when available)")
     dtype: str = opt("float32", help="dtype to load the bundle in")
+    allowed_hosts: list[str] = opt([], help="Host header names the server answers besides the loopback names and "
+                                           "--host ('*': any); others get a 400, which stops DNS-rebinding pages")
     data: str = opt("", help="activation dataset for /v1/search and the explorer's search panel (default: none)")
 
 
@@ -308,6 +311,7 @@ class NLAService:
         self.config = config
         self.d_model = int(nla.meta.d_model)
         self.thread = ModelThread(config.torch_threads)
+        self._hooks = [h for model in (nla.av_model, nla.ar) for h in self.thread.watch(model)]
         self.verbalizer: MicroBatcher[tuple[torch.Tensor, GenKey], list[list[Any]]] = MicroBatcher(
             run=self._run_verbalize, thread=self.thread,
             rows=lambda item: len(item[0]) * item[1].n, key=lambda item: item[1],
@@ -370,6 +374,11 @@ class NLAService:
         return GenKey(req.n, new, bool(sample), float(req.temperature), float(req.top_p))
 
     def check_text(self, text: str, what: str) -> None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800") is valid JSON but not text
+            raise ClientError(422, "invalid", f"{what} is not valid Unicode (a lone surrogate at character "
+                                              f"{exc.start})") from None
         if not text.strip():
             raise ClientError(422, "invalid", f"{what} is empty")
         if len(text) > self.config.max_text_chars:
@@ -682,9 +691,23 @@ def create_app(nla: Any, config: ServeConfig | None = None, api_key: str | None 
         log.exception("internal error on %s %s", request.method, request.url.path)
         return _error(500, "internal", f"internal error ({type(exc).__name__}); see the server log")
 
+    # A page on another site can reach a loopback server by re-pointing its own name at
+    # 127.0.0.1 (DNS rebinding); its requests still carry that name in Host, so only known names pass.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(config))
     # Outermost, so an oversized body is refused before any route reads it.
     app.add_middleware(BodySizeLimit, limit=config.max_body_bytes)
     return app
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def allowed_hosts(config: ServeConfig) -> list[str]:
+    """Loopback names, the bound address (unless a wildcard) and ``--allowed-hosts``."""
+    hosts = [*LOOPBACK_NAMES, *config.allowed_hosts]
+    if config.host not in ("0.0.0.0", "::", ""):
+        hosts.append(config.host)
+    return list(dict.fromkeys(hosts))
 
 
 def _version() -> str:

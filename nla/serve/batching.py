@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,18 +39,52 @@ def _set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+class Abandoned(Exception):
+    """Every caller of the running model call has gone (timed out): stop spending model time."""
+
+
 class ModelThread:
-    """One worker thread that owns the model: every model call is queued onto it in order."""
+    """One worker thread that owns the model: every model call is queued onto it in order.
+
+    A call may carry an ``abandoned()`` check; :meth:`check`, installed as a forward pre-hook on
+    the model's embeddings (so it runs once per generation step), raises :class:`Abandoned` when
+    it turns true. A request that times out therefore frees the thread within one step instead
+    of holding it to the end of its generation (docs/guarantees.md, "serve").
+    """
 
     def __init__(self, torch_threads: int = 0) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nla-model",
                                         initializer=_set_threads, initargs=(torch_threads,))
+        self._local = threading.local()  # only the model thread's own calls are ever abandoned
 
-    async def run(self, fn: Callable[..., R], *args: Any) -> R:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    async def run(self, fn: Callable[..., R], *args: Any, abandoned: Callable[[], bool] | None = None) -> R:
+        def job() -> R:
+            self._local.abandoned = abandoned
+            try:
+                return fn(*args)
+            finally:
+                self._local.abandoned = None
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, job)
+
+    def check(self) -> None:
+        abandoned = getattr(self._local, "abandoned", None)
+        if abandoned is not None and abandoned():
+            raise Abandoned("every caller of this model call has gone")
+
+    def watch(self, model: Any) -> list[Any]:
+        """Install :meth:`check` on every embedding of ``model`` (called each forward); the handles."""
+        import torch
+
+        return [m.register_forward_pre_hook(lambda *_: self.check()) for m in model.modules()
+                if isinstance(m, torch.nn.Embedding)]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _all_done(futures: list[asyncio.Future[Any]]) -> bool:
+    return all(f.done() for f in futures)
 
 
 @dataclass
@@ -174,7 +210,9 @@ class MicroBatcher(Generic[T, R]):
                 continue
             started = time.perf_counter()
             try:
-                results = await self.thread.run(self.run, [p.item for p in live])
+                # future.done() is a plain state read, safe from the model thread.
+                results = await self.thread.run(self.run, [p.item for p in live],
+                                                abandoned=functools.partial(_all_done, [p.future for p in live]))
             except Exception as exc:  # one bad call must not stop the worker
                 for p in live:
                     if not p.future.done():

@@ -32,6 +32,29 @@ def read_api_key(env_name: str) -> str | None:
     return value.strip()
 
 
+class DropQueryString(logging.Filter):
+    """Access-log lines without query strings: a client may put a key in ``?api_key=`` and the
+    log must never hold it (uvicorn's access record args: client, method, path+query, version, status)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
+        return True
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's own logging setup with :class:`DropQueryString` on the access handler."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["drop_query"] = {"()": f"{__name__}.DropQueryString"}
+    config["handlers"]["access"]["filters"] = ["drop_query"]
+    return config
+
+
 def serve(cfg: ServeConfig) -> int:
     import uvicorn
 
@@ -44,14 +67,18 @@ def serve(cfg: ServeConfig) -> int:
     if not _is_loopback(cfg.host) and api_key is None:
         print(f"nla serve: warning: binding {cfg.host} without --api-key-env exposes the model to the network "
               "with no authentication", file=sys.stderr)
-    nla = NLA.from_pretrained(cfg.nla, device=cfg.device or None, dtype=cfg.dtype)
+    if cfg.host in ("0.0.0.0", "::") and not cfg.allowed_hosts:
+        print(f"nla serve: note: binding {cfg.host}: only loopback Host names are answered; list the names "
+              "clients use with --allowed-hosts", file=sys.stderr)
+    nla = NLA.from_pretrained(cfg.nla, device=cfg.device, dtype=cfg.dtype)
     app = create_app(nla, cfg, api_key=api_key)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     print(f"nla serve: {cfg.nla} ({nla.meta.base_model}, layer {nla.meta.layer_index}, d={nla.meta.d_model}) on "
           f"http://{cfg.host}:{cfg.port}/  batching={'on' if cfg.batching else 'off'}  "
           f"auth={'bearer token from $' + cfg.api_key_env if api_key else 'none'}", file=sys.stderr)
     # The access log records method, path and status only: never headers, so never the token.
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    # and query strings are dropped (they may carry keys).
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", log_config=log_config())
     return 0
 
 
