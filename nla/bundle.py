@@ -155,7 +155,7 @@ class RoundTrip:
     metrics: dict[str, float]
 
 
-def _check_tokens(tokenizer: Any, tokens: MarkerTokens, av_template: str, where: str) -> None:
+def check_tokens(tokenizer: Any, tokens: MarkerTokens, av_template: str, where: str) -> None:
     """The sidecar's marker ids must be what the live tokenizer produces (docs/design.md §4)."""
     ids = tokenizer.encode(tokens.marker, add_special_tokens=False)
     if list(ids) != [tokens.marker_id]:
@@ -399,7 +399,7 @@ class NLA:
         tokenizer = load_tokenizer(meta.base_model) if meta.av_format == "peft" or not (root / "av" / "tokenizer_config.json").exists() \
             else load_tokenizer(str(root / "av"))
         apply_prompt_format(tokenizer, meta)
-        _check_tokens(tokenizer, meta.tokens, meta.prompt_templates["av"], str(meta_path))
+        check_tokens(tokenizer, meta.tokens, meta.prompt_templates["av"], str(meta_path))
         av_dir, ar_dir = root / "av", root / "ar"
         for sub in (av_dir, ar_dir):
             if not sub.is_dir():

@@ -14,14 +14,21 @@ from nla.interop import detect_layout, load_release, releases
 from nla.interop.registry import releases as read_registry
 
 
-def test_shipped_registry_lists_the_paper_pair() -> None:
+def test_shipped_registry_lists_real_releases_only() -> None:
+    """The paper's four pairs (kitft README) and the community releases of issue 18, nothing invented."""
     known = releases()
     paper = known["qwen2.5-7b-L20"]
     assert (paper.layout, paper.repo_id, paper.ar_repo_id, paper.layer) == (
         "paper", "kitft/nla-qwen2.5-7b-L20-av", "kitft/nla-qwen2.5-7b-L20-ar", 20)
-    assert paper.status == "published"
-    assert {r.layout for r in known.values()} >= {"paper", "nanonla", "peft_pair", "universal"}
-    assert all(r.status in ("published", "example") for r in known.values())
+    assert {r.repo_id for r in known.values() if r.layout == "paper"} == {
+        "kitft/nla-qwen2.5-7b-L20-av", "kitft/nla-gemma3-12b-L32-av", "kitft/nla-gemma3-27b-L41-av",
+        "kitft/Llama-3.3-70B-NLA-L53-av"}
+    assert {r.layout for r in known.values()} == {"paper", "anicka", "solshine", "universal"}
+    assert known["solshine-gemma-4-e2b-L23-v0.0.1"].options == {"ar_layer": 17}
+    assert known["anicka-qwen2.5-7b-L20-v2"].options == {"depth_pct": 73}
+    for r in known.values():
+        assert r.notes and r.publisher and r.base_model
+        assert not any(word in r.repo_id for word in ("nla-community", "example", "nanonla/"))
 
 
 def test_broken_registry_entry_names_the_field(tmp_path: Path) -> None:
@@ -32,8 +39,11 @@ def test_broken_registry_entry_names_the_field(tmp_path: Path) -> None:
     path.write_text("releases:\n  x: {layout: weird, repo_id: a/b, base_model: m, layer: 3}\n")
     with pytest.raises(NLAError, match="'layout'"):
         read_registry(path)
-    path.write_text("releases:\n  x: {layout: nanonla, repo_id: a/b, base_model: m}\n")
+    path.write_text("releases:\n  x: {layout: universal, repo_id: a/b, base_model: m}\n")
     with pytest.raises(NLAError, match="'layer'"):
+        read_registry(path)
+    path.write_text("releases:\n  x: {layout: universal, repo_id: a/b, base_model: m, layer: 2, options: {depth_pct: 3}}\n")
+    with pytest.raises(NLAError, match="depth_pct"):
         read_registry(path)
 
 
@@ -68,6 +78,9 @@ def test_unknown_sources_and_layouts(tmp_path: Path) -> None:
     (tmp_path / "nla_meta.yaml").write_text("kind: something_else\n")
     with pytest.raises(NLAError, match="'kind' is 'something_else'"):
         detect_layout(tmp_path)
+    (tmp_path / "nla_meta.yaml").write_text("kind: nla_dataset\nschema_version: 1\n")
+    with pytest.raises(NLAError, match="a dataset, not an NLA"):
+        detect_layout(tmp_path)
 
 
 def test_releases_command_lists_names(capsys: pytest.CaptureFixture[str]) -> None:
@@ -75,7 +88,7 @@ def test_releases_command_lists_names(capsys: pytest.CaptureFixture[str]) -> Non
 
     assert main(["releases"]) == 0
     out = capsys.readouterr().out
-    assert "qwen2.5-7b-L20" in out and "kitft/nla-qwen2.5-7b-L20-av" in out and "example" in out
+    assert "qwen2.5-7b-L20" in out and "kitft/nla-qwen2.5-7b-L20-av" in out and "Solshine/gemma-4-e2b" in out
     assert main(["releases", "--json"]) == 0
     import json
 
@@ -92,3 +105,19 @@ def test_native_bundle_detected(tmp_path: Path) -> None:
     assert detect_layout(tmp_path / "b") == "bundle"
     again = import_layout(tmp_path / "b")
     assert again.meta.d_model == 32
+
+
+def test_option_that_does_not_apply_is_named(tmp_path: Path) -> None:
+    from nla import NLA
+    from nla.interop import import_layout
+
+    NLA.initialize("tiny:gpt2", dtype="float32", device="cpu").save_pretrained(tmp_path / "b")
+    with pytest.raises(NLAError, match="--injection does not apply to the bundle layout"):
+        import_layout(tmp_path / "b", injection="add")
+
+
+def test_loader_table_is_flat_and_complete() -> None:
+    from nla.interop import LOADERS
+
+    assert set(LOADERS) == {"bundle", "paper", "nanonla", "anicka", "solshine", "universal"}
+    assert all(callable(f) for f in LOADERS.values())

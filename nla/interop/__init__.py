@@ -1,16 +1,18 @@
-"""Importers for published NLA layouts, and the registry of released NLAs.
+"""Importers for the NLAs people publish, and the registry of released NLAs.
 
     from nla import NLA
     nla = NLA.from_pretrained("qwen2.5-7b-L20")          # a registry name (needs the hub)
     nla = NLA.from_pretrained("/data/nla-qwen2.5-7b-L20-av")   # a local folder, layout detected
 
-Layouts: ``paper`` (the paper's AV/AR checkpoints), ``nanonla`` (merged weights, additive
-injection), ``peft_pair`` (LoRA adapters + value head), ``universal`` (shared trunk + per-model
-maps), ``bundle`` (ours). See docs/interop.md for each layout's files and fields.
+One importer per publisher, each written from that publisher's own code: ``paper``
+(kitft/natural_language_autoencoders), ``nanonla`` (ceselder/nanoNLA and forks), ``anicka``
+(anicka-net/nla-at-home), ``solshine`` (SolshineCode/nla-gemma-4-e2b), ``universal``
+(AlexWortega/qwen3-1p7b-nla), plus ``bundle`` (ours). See docs/interop.md.
 """
 
 from nla.interop.registry import (
     LAYOUTS,
+    LOADERS,
     Release,
     detect_layout,
     import_layout,
@@ -19,4 +21,5 @@ from nla.interop.registry import (
 )
 from nla.interop.universal import UniversalNLA
 
-__all__ = ["LAYOUTS", "Release", "UniversalNLA", "detect_layout", "import_layout", "load_release", "releases"]
+__all__ = ["LAYOUTS", "LOADERS", "Release", "UniversalNLA", "detect_layout", "import_layout", "load_release",
+           "releases"]

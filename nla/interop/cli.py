@@ -15,7 +15,9 @@ def cmd_import(args: Any) -> None:
     claim_bundle_folder(args.out, command="import", force=args.force)
     check_device(args.device, "--device")
     obj = import_layout(args.source, args.out, layout=args.layout, ar=args.ar, base_model=args.base_model,
-                        dtype=args.dtype, device=args.device)
+                        injection=args.injection, inject_layer=args.inject_layer, inject_coef=args.inject_coef,
+                        injection_scale=args.injection_scale, ar_layer=args.ar_layer, depth_pct=args.depth_pct,
+                        layer=args.layer, load_in_4bit=args.load_in_4bit, dtype=args.dtype, device=args.device)
     nla = getattr(obj, "nla", obj)
     meta = nla.meta
     extra = f", models {', '.join(obj.tags)}" if hasattr(obj, "tags") else ""
@@ -29,10 +31,11 @@ def cmd_releases(args: Any) -> None:
 
     entries = releases()
     if args.json:
-        print(json.dumps({n: r.__dict__ for n, r in entries.items()}, indent=2))
+        from dataclasses import asdict
+
+        print(json.dumps({n: asdict(r) for n, r in entries.items()}, indent=2))
         return
     print(releases_table(entries))
-    print("\nstatus 'example' = a layout example under a plausible name, not known to exist on the hub.")
 
 
 def register(sub: Any) -> None:

@@ -8,7 +8,9 @@ executed (no ``trust_remote_code``, no pickle outside ``torch.load(weights_only=
 from __future__ import annotations
 
 import math
+import re
 import string
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,18 @@ from nla.errors import NLAError
 from nla.meta import META_NAME, read_yaml
 
 SQRT_D_NAMES = ("sqrt_d_model", "sqrt_d", "sqrt(d)", "sqrt(d_model)")
+# A chat template that renders the user text as is (no turn markers): for AVs trained on a raw
+# prompt (Solshine, anicka). The verbalizer tokenizes rendered text without special tokens and
+# adds BOS exactly when the tokenizer itself would (nla.models.prompts.encode_rendered), which is
+# what their ``tokenizer.encode(prompt)`` (add_special_tokens=True) does.
+RAW_CHAT_TEMPLATE = (
+    "{{ messages[0]['content'] }}"
+    "{% for message in messages[1:] %}{{ message['content'] }}{% if eos_token %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+# Our token field names → the paper's spellings (used by every publisher that copied its schema),
+# so an error names the field as the user's own file spells it.
+PAPER_TOKEN_FIELDS = {"tokens.marker_id": "tokens.injection_token_id", "tokens.left_id": "tokens.injection_left_neighbor_id",
+                      "tokens.right_id": "tokens.injection_right_neighbor_id"}
 HEAD_FILES = ("value_head.safetensors", "value_head.pt", "value_head.pth", "linear_head.safetensors", "linear_head.pt")
 
 
@@ -113,7 +127,11 @@ def load_linear(path: Path, d_in: int, d_out: int) -> nn.Linear:
     Keys may carry a prefix (``linear.weight``, ``head.bias``): exactly one of each is accepted,
     so an ambiguous file is an error instead of a coin flip.
     """
-    tensors = _read_tensors(path)
+    return linear_from(_read_tensors(path), d_in, d_out, path)
+
+
+def linear_from(tensors: dict[str, torch.Tensor], d_in: int, d_out: int, path: str | Path) -> nn.Linear:
+    """:func:`load_linear` on tensors already read (``path`` names them in errors)."""
     weights = [k for k in tensors if k == "weight" or k.endswith(".weight")]
     biases = [k for k in tensors if k == "bias" or k.endswith(".bias")]
     if len(weights) != 1:
@@ -131,6 +149,14 @@ def load_linear(path: Path, d_in: int, d_out: int) -> nn.Linear:
         layer.weight.copy_(weight)
         if bias is not None:
             layer.bias.copy_(bias)
+    return layer
+
+
+def identity_head(d: int) -> nn.Linear:
+    """A bias-free identity ``Linear(d, d)``: ARs whose head was never trained or saved."""
+    layer = nn.Linear(d, d, bias=False, dtype=torch.float32)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(d))
     return layer
 
 
@@ -242,50 +268,6 @@ def load_av(av_dir: Path, base: str | None, dtype: torch.dtype, device: torch.de
     return PeftModel.from_pretrained(model, str(av_dir), is_trainable=False).eval()
 
 
-def load_trunk_for(spec: str, last_block: int, dtype: torch.dtype, quant: Any = None) -> nn.Module:
-    """Blocks ``0..last_block`` of ``spec`` without final norm (4-bit where asked)."""
-    from nla.models.loading import resolve_model_path
-    from nla.models.reconstructor import drop_final_norm, load_trunk, truncated_config
-
-    path = resolve_model_path(spec)
-    if quant is None:
-        return load_trunk(path, last_block, dtype)
-    from transformers import AutoModel
-
-    trunk = AutoModel.from_pretrained(path, config=truncated_config(path, last_block), quantization_config=quant,
-                                      dtype=torch.bfloat16, device_map={"": 0}, trust_remote_code=False)
-    drop_final_norm(trunk)
-    return trunk
-
-
-def load_ar_trunk(ar_dir: Path, base: str | None, trained_last_block: int, dtype: torch.dtype,
-                  quant: Any = None, readout_block: int | None = None) -> nn.Module:
-    """The AR trunk: a full (already truncated) folder, or a PEFT adapter over ``base``.
-
-    ``trained_last_block`` is the depth the adapter was trained on (its keys name those
-    blocks); ``readout_block`` below it cuts the trunk further after loading, which gives
-    exactly the hidden state of that block (later blocks cannot change earlier ones).
-    """
-    from nla.models.layers import truncate_blocks
-    from nla.models.reconstructor import load_trunk
-
-    if is_adapter_dir(ar_dir):
-        from peft import PeftModel
-
-        if base is None:
-            raise NLAError(f"{ar_dir}: a LoRA adapter, but no base model is named")
-        trunk = load_trunk_for(base, trained_last_block, dtype, quant)
-        model: nn.Module = PeftModel.from_pretrained(trunk, str(ar_dir), is_trainable=False)
-        inner = model.get_base_model()  # type: ignore[operator]
-    else:
-        have = config_layers(ar_dir)
-        model = load_trunk(str(ar_dir), trained_last_block if have > trained_last_block + 1 else None, dtype)
-        inner = model
-    if readout_block is not None and readout_block < trained_last_block:
-        truncate_blocks(inner, readout_block)
-    return model
-
-
 def assemble(meta: Any, av_model: Any, trunk: nn.Module, tokenizer: Any, head: nn.Linear,
              device: torch.device, where: str, mean_vector: torch.Tensor | None = None,
              field_names: dict[str, str] | None = None) -> Any:
@@ -294,12 +276,13 @@ def assemble(meta: Any, av_model: Any, trunk: nn.Module, tokenizer: Any, head: n
     ``field_names`` maps our token field names to the layout's, so an error names the field
     as the user's own file spells it.
     """
-    from nla.bundle import NLA, _check_tokens
+    from nla.bundle import NLA, apply_prompt_format, check_tokens
     from nla.models.layers import hidden_size
     from nla.models.reconstructor import Reconstructor
 
+    apply_prompt_format(tokenizer, meta)
     try:
-        _check_tokens(tokenizer, meta.tokens, meta.prompt_templates["av"], where)
+        check_tokens(tokenizer, meta.tokens, meta.prompt_templates["av"], where)
     except NLAError as exc:
         message = str(exc)
         for ours, theirs in (field_names or {}).items():
@@ -313,6 +296,7 @@ def assemble(meta: Any, av_model: Any, trunk: nn.Module, tokenizer: Any, head: n
         raise NLAError(f"{where}: value head has shape {list(head.weight.shape)}, expected "
                        f"[{meta.d_model}, {meta.d_model}]")
     ar = Reconstructor(trunk, tokenizer, meta.prompt_templates["ar"])
+    ar.add_special_tokens = bool(meta.extra.get("ar_add_special_tokens", True))
     ar.value_head = head
     quantized = getattr(av_model, "is_loaded_in_4bit", False)
     if not quantized:
@@ -323,3 +307,141 @@ def assemble(meta: Any, av_model: Any, trunk: nn.Module, tokenizer: Any, head: n
     av_model.eval()
     ar.eval()
     return NLA(meta, av_model, ar, tokenizer, mean_vector)
+
+
+# ---------------------------------------------------------------- pairing and adapters
+_ROLE_PART = re.compile(r"(?<=[-_])(av|ar)(?=$|[-_])")
+
+
+def partner_candidates(path: Path, role: str) -> list[Path]:
+    """Where the other half of ``path`` would be, by the names publishers use.
+
+    ``nla-qwen2.5-7b-L20-av`` ↔ ``-ar``, ``…-av-v2`` ↔ ``…-ar-v2`` (anicka),
+    ``…-L23-av-v0_0_1`` ↔ ``…-ar-v0_0_1`` (Solshine), ``x_av`` ↔ ``x_ar``, ``av/`` ↔ ``ar/``.
+    """
+    other = "ar" if role == "av" else "av"
+    name = path.name
+    out = []
+    hits = [m for m in _ROLE_PART.finditer(name) if m.group(1) == role]
+    if hits:
+        m = hits[-1]
+        out.append(path.with_name(name[: m.start()] + other + name[m.end():]))
+    if name == role:
+        out.append(path.with_name(other))
+    return out
+
+
+def find_partner(path: Path, role: str, accept: Callable[[Path], bool], what: str) -> Path:
+    """The other half next to ``path`` (by name), or an error that says how to pass it."""
+    other = "ar" if role == "av" else "av"
+    for cand in partner_candidates(path, role):
+        if cand.is_dir() and accept(cand):
+            return cand
+    flag = "--ar DIR (ar=...)" if other == "ar" else "the AV folder as SOURCE and this one as --ar"
+    raise NLAError(f"{path}: the {role.upper()} half of a {what} pair and no {other.upper()} folder found next to it "
+                   f"by name; pass {flag}, or put both as av/ and ar/ in one folder")
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Public name of the safe tensor reader (safetensors, or ``.pt`` weights-only)."""
+    return _read_tensors(path)
+
+
+def merge_lora(model: nn.Module, tensors: dict[str, torch.Tensor], scaling: float, where: Path,
+               skip: Callable[[str], bool] = lambda name: False) -> int:
+    """Fold LoRA pairs ``<module>.lora_A[.<adapter>].weight`` / ``lora_B`` into ``model``.
+
+    Publishers save adapters from different wrappers (a causal LM under PEFT:
+    ``base_model.model.model.layers.3.self_attn.q_proj``; nanoNLA's critic:
+    ``backbone.model.layers.3…``); the module is found by the longest suffix of the key's
+    path that names a module of ``model``. ``W += scaling * B @ A`` in fp32, exactly what
+    PEFT's merge does. Keys under ``skip`` (blocks past the read-out, the LM head) are
+    ignored; any other key that fits nowhere is an error naming the file, never a silent drop.
+    Returns the number of merged modules.
+    """
+    modules = dict(model.named_modules())
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        m = re.match(r"^(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+        if m is None:
+            continue
+        pairs.setdefault(m.group(1), {})[m.group(2)] = value
+    merged = 0
+    for path, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise NLAError(f"{where}: LoRA weights for {path!r} have no matching lora_A/lora_B pair")
+        parts = path.split(".")
+        target = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in modules), None)
+        if target is None:
+            if skip(path):
+                continue
+            raise NLAError(f"{where}: LoRA weights for {path!r} match no module of the model")
+        layer = modules[target]
+        weight = getattr(layer, "weight", None)
+        delta = ab["B"].float() @ ab["A"].float() * scaling
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(delta.shape):
+            raise NLAError(f"{where}: LoRA weights for {path!r} have shape {list(delta.shape)}, the module "
+                           f"{target!r} has {list(getattr(weight, 'shape', []))}")
+        with torch.no_grad():
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+        merged += 1
+    return merged
+
+
+def block_index(path: str) -> int | None:
+    """The decoder block a parameter path belongs to (``…layers.7.mlp…`` → 7), if any."""
+    m = re.search(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.", path + ".")
+    return int(m.group(1)) if m else None
+
+
+def adapter_scaling(folder: Path) -> float:
+    """``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) from a PEFT ``adapter_config.json``."""
+    import json
+
+    path = folder / "adapter_config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise NLAError(f"{path}: unreadable ({first_line(exc)})") from None
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
+        raise NLAError(f"{path}: fields 'r' and 'lora_alpha' must be numbers, got {r!r} and {alpha!r}")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise NLAError(f"{path}: per-module 'rank_pattern'/'alpha_pattern' are not supported here")
+    return float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (folder / name).exists():
+            return _read_tensors(folder / name)
+    raise NLAError(f"{folder}: no adapter_model.safetensors")
+
+
+def merged_trunk(spec: str, last_block: int, adapter: dict[str, torch.Tensor], scaling: float, where: Path,
+                 dtype: torch.dtype, keep_final_norm: bool = False) -> nn.Module:
+    """Blocks ``0..last_block`` of ``spec`` with a LoRA adapter folded in (a plain, full trunk).
+
+    Used for ARs whose adapter was trained on a wrapper our trunk is not (a full causal LM
+    read at an inner block, nanoNLA's critic module): merging by module path is exact and
+    does not depend on the wrapper's key prefix.
+    """
+    from nla.models.loading import resolve_model_path
+    from nla.models.reconstructor import load_trunk, truncated_config
+
+    path = resolve_model_path(spec)
+    if keep_final_norm:
+        from transformers import AutoModel
+
+        trunk = AutoModel.from_pretrained(path, config=truncated_config(path, last_block), dtype=dtype,
+                                          trust_remote_code=False)
+    else:
+        trunk = load_trunk(path, last_block, dtype)
+
+    def beyond(name: str) -> bool:
+        idx = block_index(name)
+        return (idx is not None and idx > last_block) or "lm_head" in name
+
+    if merge_lora(trunk, adapter, scaling, where, beyond) == 0:
+        raise NLAError(f"{where}: no LoRA weights found for blocks 0..{last_block}")
+    return trunk

@@ -36,11 +36,13 @@ import torch
 
 from nla.errors import NLAError
 from nla.interop.common import (
+    PAPER_TOKEN_FIELDS,
     assemble,
     check_equal,
     check_width,
     config_layers,
     find_head_file,
+    find_partner,
     load_linear,
     map_placeholders,
     resolve_scale,
@@ -56,8 +58,6 @@ ROLES = {"av": "av", "actor": "av", "ar": "ar", "critic": "ar"}
 # Where each writer put K (first hit wins; all present values must agree).
 LAYER_FIELDS = ("critic.extraction_layer_index", "critic.num_hidden_layers", "ar.num_hidden_layers",
                 "extraction_layer_index", "extraction.layer_index", "layer")
-FIELD_NAMES = {"tokens.marker_id": "tokens.injection_token_id", "tokens.left_id": "tokens.injection_left_neighbor_id",
-               "tokens.right_id": "tokens.injection_right_neighbor_id"}
 
 
 def _role(root: Path, data: dict[str, Any]) -> str:
@@ -102,19 +102,8 @@ def resolve_pair(path: Path, ar: Path | None = None) -> tuple[Path, Path]:
     if is_paper_dir(path / "av") and is_paper_dir(path / "ar"):
         return path / "av", path / "ar"
     role = _role(path, sidecar(path))
-    name = path.name
-    other_role = "ar" if role == "av" else "av"
-    candidates = []
-    for suffix_from, suffix_to in ((f"-{role}", f"-{other_role}"), (f"_{role}", f"_{other_role}")):
-        if name.endswith(suffix_from):
-            candidates.append(path.with_name(name[: -len(suffix_from)] + suffix_to))
-    if name == role:
-        candidates.append(path.with_name(other_role))
-    for cand in candidates:
-        if is_paper_dir(cand):
-            return (path, cand) if role == "av" else (cand, path)
-    raise NLAError(f"{path}: this is the {role.upper()} half of a paper checkpoint pair; pass the "
-                   f"{other_role.upper()} folder too (ar=... / --ar DIR), or put both as av/ and ar/ in one folder")
+    other = find_partner(path, role, is_paper_dir, "paper checkpoint")
+    return (path, other) if role == "av" else (other, path)
 
 
 def _template(data: dict[str, Any], where: Path, new: str, old: str) -> str | None:
@@ -248,4 +237,4 @@ def load(path: str | Path, *, ar: str | Path | None = None, base_model: str | No
     av_model, _ = load_model(str(av_dir), dtype=torch_dtype, device=dev)
     trunk = load_trunk(str(ar_dir), None, torch_dtype)
     head = load_linear(find_head_file(ar_dir, "value_head.safetensors"), meta.d_model, meta.d_model)
-    return assemble(meta, av_model, trunk, tokenizer, head, dev, str(av_dir / META_NAME), field_names=FIELD_NAMES)
+    return assemble(meta, av_model, trunk, tokenizer, head, dev, str(av_dir / META_NAME), field_names=PAPER_TOKEN_FIELDS)

@@ -1,16 +1,21 @@
 """Released NLAs by name (``nla/releases.yaml``), layout detection, and hub fetching.
 
 ``load_release(x)`` accepts a registry name, a local folder of any known layout, or a hub repo
-id; every route ends in the importer of the detected layout (a table, like SAELens' loaders).
-The hub is used only through ``huggingface_hub.snapshot_download`` restricted to the release's
-subfolder; with no network the error says so and how to pass a local folder instead.
+id; every route ends in one loader of :data:`LOADERS`, a flat table from layout name to
+function (like SAELens' loaders). Facts a layout's files do not record (nanoNLA's additive
+injection, Solshine's AR read-out block, anicka's training depth) come from the registry
+entry's ``options`` or from explicit flags, never from a guess.
+
+The hub is used only through ``huggingface_hub.snapshot_download`` restricted to the
+release's subfolder; with no network the error says so and how to pass a local folder.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +23,29 @@ import torch
 import yaml
 
 from nla.errors import NLAError
-from nla.interop.common import first_line
+from nla.interop import anicka, nanonla, paper, solshine, universal
+from nla.interop.common import first_line, is_adapter_dir, partner_candidates
 from nla.meta import META_NAME, read_yaml
 
-LAYOUTS = ("bundle", "paper", "nanonla", "peft_pair", "universal")
 REGISTRY_FILE = Path(__file__).resolve().parent.parent / "releases.yaml"
+PAIRED = ("paper", "nanonla", "solshine", "anicka")
+
+
+def _load_bundle(path: Path, *, dtype: str | torch.dtype = "float32", device: str | None = None) -> Any:
+    from nla.bundle import NLA
+
+    return NLA.from_pretrained(path, dtype=dtype, device=device)
+
+
+LOADERS: dict[str, Callable[..., Any]] = {
+    "bundle": _load_bundle,
+    "paper": paper.load,
+    "nanonla": nanonla.load,
+    "solshine": solshine.load,
+    "anicka": anicka.load,
+    "universal": universal.load,
+}
+LAYOUTS = tuple(LOADERS)
 
 
 @dataclass(frozen=True)
@@ -32,10 +55,11 @@ class Release:
     repo_id: str
     base_model: str
     layer: int
+    publisher: str = ""
     subfolder: str | None = None
     ar_repo_id: str | None = None
     ar_subfolder: str | None = None
-    status: str = "example"
+    options: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
 
 
@@ -51,20 +75,33 @@ def releases(path: str | Path | None = None) -> dict[str, Release]:
         where = f"{path}: release {name!r}"
         if not isinstance(entry, dict):
             raise NLAError(f"{where} is not a mapping")
-        for field, kind in (("layout", str), ("repo_id", str), ("base_model", str), ("layer", int)):
-            if not isinstance(entry.get(field), kind):
-                raise NLAError(f"{where}: missing or invalid field {field!r}")
-        if entry["layout"] not in LAYOUTS:
-            raise NLAError(f"{where}: field 'layout' is {entry['layout']!r}, expected one of {', '.join(LAYOUTS)}")
-        if entry["layout"] == "paper" and not entry.get("ar_repo_id") and not entry.get("ar_subfolder"):
-            raise NLAError(f"{where}: a paper release needs field 'ar_repo_id' or 'ar_subfolder'")
+        for fld, kind in (("layout", str), ("repo_id", str), ("base_model", str), ("layer", int)):
+            if not isinstance(entry.get(fld), kind) or (kind is int and isinstance(entry.get(fld), bool)):
+                raise NLAError(f"{where}: missing or invalid field {fld!r}")
+        if entry["layout"] not in LOADERS:
+            raise NLAError(f"{where}: field 'layout' is {entry['layout']!r}, expected one of {', '.join(LOADERS)}")
+        if entry["layout"] in PAIRED and not entry.get("ar_repo_id") and not entry.get("ar_subfolder"):
+            raise NLAError(f"{where}: a {entry['layout']} release needs field 'ar_repo_id' or 'ar_subfolder'")
+        options = entry.get("options") or {}
+        if not isinstance(options, dict):
+            raise NLAError(f"{where}: field 'options' must be a mapping")
+        accepted = _accepted(entry["layout"])
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise NLAError(f"{where}: field 'options' has {unknown}, which the {entry['layout']} importer does not "
+                           f"take ({', '.join(sorted(accepted))})")
         out[str(name)] = Release(
             name=str(name), layout=entry["layout"], repo_id=entry["repo_id"], base_model=entry["base_model"],
-            layer=entry["layer"], subfolder=entry.get("subfolder"), ar_repo_id=entry.get("ar_repo_id"),
-            ar_subfolder=entry.get("ar_subfolder"), status=str(entry.get("status", "example")),
+            layer=entry["layer"], publisher=str(entry.get("publisher", "")), subfolder=entry.get("subfolder"),
+            ar_repo_id=entry.get("ar_repo_id"), ar_subfolder=entry.get("ar_subfolder"), options=dict(options),
             notes=" ".join(str(entry.get("notes", "")).split()),
         )
     return out
+
+
+def _accepted(layout: str) -> set[str]:
+    params = inspect.signature(LOADERS[layout]).parameters
+    return {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY} - {"dtype", "device"}
 
 
 def _offline_help(what: str, repo_id: str, reason: str) -> NLAError:
@@ -92,46 +129,45 @@ def fetch(repo_id: str, subfolder: str | None = None, what: str | None = None) -
     return path
 
 
+def _by_sidecar(root: Path, data: dict[str, Any]) -> str:
+    kind = data.get("kind")
+    meta = root / META_NAME
+    if kind == "nla_bundle":
+        return "bundle"
+    if kind == universal.KIND:
+        return "universal"
+    if kind == universal.AR_KIND:
+        raise NLAError(f"{meta}: the AR half of a universal NLA (kind {kind!r}); pass the release folder above it, "
+                       f"whose nla_meta.yaml has kind {universal.KIND!r}")
+    if kind == nanonla.KIND:
+        if nanonla.is_nanonla_dir(root):
+            return "nanonla"
+        raise NLAError(f"{meta}: a dataset sidecar (kind 'nla_dataset') with no model weights next to it: "
+                       f"a dataset, not an NLA")
+    if kind == paper.KIND:
+        if solshine.is_solshine_sidecar(data):
+            return "solshine"
+        return "anicka" if is_adapter_dir(root) else "paper"
+    raise NLAError(f"{meta}: unknown layout (field 'kind' is {kind!r}; known: nla_bundle, nla_model, nla_dataset "
+                   f"next to weights, nla_model_universal)")
+
+
 def detect_layout(path: str | Path) -> str:
     """Which published layout a local folder holds (one of :data:`LAYOUTS`)."""
     root = Path(path)
     if not root.is_dir():
         raise NLAError(f"{root}: not a folder")
-    meta = root / META_NAME
-    if meta.exists():
-        data = read_yaml(meta)
-        kind, fmt = data.get("kind"), data.get("format")
-        if kind == "nla_bundle":
-            return "bundle"
-        if kind == "nla_model":
-            return "paper"
-        if fmt == "nanonla":
-            return "nanonla"
-        if kind == "nla_peft_pair":
-            return "peft_pair"
-        if kind == "nla_universal":
-            return "universal"
-        raise NLAError(f"{meta}: unknown layout (field 'kind' is {kind!r}, 'format' is {fmt!r})")
-    from nla.interop.paper import is_paper_dir
-
-    if is_paper_dir(root / "av") and is_paper_dir(root / "ar"):
+    if (root / META_NAME).exists():
+        return _by_sidecar(root, read_yaml(root / META_NAME))
+    if paper.is_paper_dir(root / "av") and paper.is_paper_dir(root / "ar"):
         return "paper"
+    if nanonla.is_nanonla_dir(root / "av") and nanonla.is_nanonla_dir(root / "ar"):
+        return "nanonla"
+    if solshine.is_ar_dir(root):
+        return "solshine"
+    if (root / "av" / META_NAME).exists() and is_adapter_dir(root / "av"):
+        return _by_sidecar(root / "av", read_yaml(root / "av" / META_NAME))
     raise NLAError(f"{root}: not a known NLA layout (no {META_NAME}; see docs/interop.md for the layouts)")
-
-
-def _importer(layout: str) -> Callable[..., Any]:
-    from nla.interop import nanonla, paper, peft_pair, universal
-
-    def bundle(path: Path, **kw: Any) -> Any:
-        from nla.bundle import NLA
-
-        return NLA.from_pretrained(path, dtype=kw.get("dtype", "float32"), device=kw.get("device"))
-
-    table: dict[str, Callable[..., Any]] = {
-        "bundle": bundle, "paper": paper.load, "nanonla": nanonla.load,
-        "peft_pair": peft_pair.load, "universal": universal.load,
-    }
-    return table[layout]
 
 
 def _is_local(source: str) -> bool:
@@ -149,19 +185,25 @@ def locate(source: str | Path, ar: str | Path | None = None) -> tuple[Path, str,
         rel = known[text]
         what = f"release {rel.name!r}"
         root = fetch(rel.repo_id, rel.subfolder, what)
-        opts = {}
-        if rel.layout == "paper":
-            ar_path = fetch(rel.ar_repo_id or rel.repo_id, rel.ar_subfolder, what)
-            opts = {"ar": ar_path, "base_model": rel.base_model}
+        opts = dict(rel.options)
+        if rel.layout in PAIRED:
+            opts["ar"] = fetch(rel.ar_repo_id or rel.repo_id, rel.ar_subfolder, what)
+        if rel.layout in ("paper", "nanonla", "solshine", "anicka", "universal"):
+            opts.setdefault("base_model", rel.base_model)
         return root, rel.layout, opts
     if text.count("/") == 1 and not text.startswith((".", "/")) and not os.path.exists(text):
         root = fetch(text)
         layout = detect_layout(root)
         opts = {}
-        if layout == "paper" and ar is None and text.endswith("-av"):
-            opts = {"ar": fetch(text[:-3] + "-ar", what=f"AR half of {text}")}
-        elif ar is not None:
+        if ar is not None:
             opts = {"ar": Path(ar)}
+        elif layout in PAIRED:
+            # Two hub repos: the other half's name follows the publisher's -av / -ar convention.
+            as_av, as_ar = partner_candidates(Path(text), "av"), partner_candidates(Path(text), "ar")
+            if as_av:
+                opts = {"ar": fetch(as_av[0].as_posix(), what=f"AR half of {text}")}
+            elif as_ar:
+                root, opts = fetch(as_ar[0].as_posix(), what=f"AV half of {text}"), {"ar": root}
         return root, layout, opts
     names = ", ".join(sorted(known))
     raise NLAError(f"{text!r} is not a folder, a known release ({names}) or a hub repo id (owner/name)")
@@ -171,7 +213,7 @@ def load_release(source: str | Path, *, dtype: str | torch.dtype = "float32", de
                  **options: Any) -> Any:
     """An :class:`NLA` from a release name, local folder or hub id, whatever its layout.
 
-    A universal bundle loads as its shared-trunk NLA here; use
+    A universal NLA loads as its shared-trunk NLA here; use
     :meth:`UniversalNLA.from_pretrained` for the per-model maps.
     """
     obj = import_layout(source, dtype=dtype, device=device, **options)
@@ -180,33 +222,50 @@ def load_release(source: str | Path, *, dtype: str | torch.dtype = "float32", de
 
 def import_layout(source: str | Path, out: str | Path | None = None, *, layout: str | None = None,
                   dtype: str | torch.dtype = "float32", device: str | None = None, **options: Any) -> Any:
-    """Load ``source`` with its layout's importer; with ``out``, also write our bundle there.
+    """Load ``source`` with its layout's loader; with ``out``, also write our bundle there.
 
-    Returns an :class:`NLA` (a :class:`UniversalNLA` for universal bundles).
+    Returns an :class:`NLA` (a :class:`UniversalNLA` for universal NLAs). Options a layout
+    does not take are an error naming them, not silently dropped.
     """
+    if layout is not None and layout not in LOADERS:
+        raise NLAError(f"unknown layout {layout!r}; choose one of {', '.join(LOADERS)}")
     ar = options.pop("ar", None)
     root, detected, opts = locate(source, ar)
     if layout is not None and layout != detected:
-        if layout not in LAYOUTS:
-            raise NLAError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
         raise NLAError(f"{root}: asked for layout {layout!r} but the folder holds the {detected!r} layout")
-    opts.update({k: v for k, v in options.items() if v is not None})
-    obj = _importer(detected)(root, dtype=dtype, device=device, **opts)
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    opts.update(given)
+    accepted = _accepted(detected)
+    unknown = sorted(set(opts) - accepted)
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise NLAError(f"{root}: {flags} does not apply to the {detected} layout (it takes "
+                       f"{', '.join('--' + k.replace('_', '-') for k in sorted(accepted)) or 'no options'})")
+    obj = LOADERS[detected](root, dtype=dtype, device=device, **opts)
     if out is not None:
         if Path(out).resolve() == root.resolve():
             raise NLAError(f"--out {out} is the source folder; write the bundle somewhere else")
+        nla = getattr(obj, "nla", obj)
+        if nla.meta.extra.get("ar_final_norm"):
+            raise NLAError(f"{root}: ar_meta.json has final_norm_stripped: false (an AR that reads after the "
+                           f"final norm), which our bundle cannot store; load it directly with "
+                           f"NLA.from_pretrained('{root}', injection=...) instead of writing a bundle")
         obj.save_pretrained(out)
     return obj
 
 
 def releases_table(entries: dict[str, Release]) -> str:
-    rows = [("NAME", "LAYOUT", "STATUS", "BASE MODEL", "LAYER", "HUB")]
+    rows = [("NAME", "LAYOUT", "BASE MODEL", "LAYER", "HUB", "NOTE")]
     for r in entries.values():
-        hub = r.repo_id + (f"/{r.subfolder}" if r.subfolder else "") + (f" + {r.ar_repo_id}" if r.ar_repo_id else "")
-        rows.append((r.name, r.layout, r.status, r.base_model, str(r.layer), hub))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+        hub = r.repo_id + (f"/{r.subfolder}" if r.subfolder else "")
+        if r.ar_repo_id and r.ar_repo_id != r.repo_id:
+            hub += f" + {r.ar_repo_id}"
+        elif r.ar_subfolder:
+            hub += f" (+ {r.ar_subfolder}/)"
+        rows.append((r.name, r.layout, r.base_model, str(r.layer), hub, r.notes))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths)), row[-1]]).rstrip() for row in rows)
 
 
 def dump(entries: dict[str, Release]) -> str:
-    return yaml.safe_dump({n: r.__dict__ for n, r in entries.items()}, sort_keys=False)
+    return yaml.safe_dump({n: asdict(r) for n, r in entries.items()}, sort_keys=False)

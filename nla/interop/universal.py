@@ -1,32 +1,32 @@
-"""Cross-architecture universal bundles: one AV/AR trunk, per-model linear maps (docs/design.md §9).
+"""Cross-architecture universal NLAs: one AV/AR trunk, per-model linear maps (docs/design.md §9).
 
-Published layout (see docs/interop.md)::
+:class:`UniversalNLA` is the object (our bundle stores it as ``kind: nla_bundle`` with
+``extra.universal: {d_shared, anchor, tags, models}`` and ``adapters/<tag>/{enc,dec}.safetensors``).
+
+:func:`load` imports AlexWortega's published universal NLA (AlexWortega/qwen3-1p7b-nla:
+``train_av_multi``, ``train_ar_multi``, ``nla/enc_dec_adapters.py``; release e.g.
+``AlexWortega/Qwen1.7bnla``)::
 
     ROOT/
-      nla_meta.yaml            kind: nla_universal (below)
-      av/                      PEFT adapter on the trunk model, or a full model folder
-      ar/                      same, plus value_head.safetensors
-      adapters/<tag>/enc.safetensors   ``weight`` [d_shared, d_M] (+ optional ``bias`` [d_shared])
-      adapters/<tag>/dec.safetensors   ``weight`` [d_M, d_shared] (+ optional ``bias`` [d_M])
+      nla_meta.yaml        kind: nla_model_universal, av_base, d_shared, injection_scale
+                           (sqrt_d_model), tokens {injection_char, injection_token_id,
+                           injection_left_neighbor_id, injection_right_neighbor_id},
+                           prompt_templates.actor ("…{model_tag}…{injection_char}…"),
+                           training_tags, anchor_tag (v8 files: schema_version "v8_mixed", …)
+      av/                  PEFT LoRA on av_base (task CAUSAL_LM, scaling alpha / r)
+      ar/                  PEFT LoRA on their critic module (av_base cut to layer_index + 1
+                           blocks, final norm removed); its value head is never saved, so it
+                           is the identity it was initialised to
+      ar/nla_meta.yaml     kind: nla_ar_universal, ar_base, layer_index, d_shared,
+                           critic_template ("…{z}…"), training_tags, anchor_tag
+      adapters/adapters.safetensors   encoders.<tag>.weight [d_shared, d_M],
+                                      decoders.<tag>.weight [d_M, d_shared] (bias-free)
+      adapters/meta.json              d_shared, model_dims, adapter_class (LinearAdapter)
 
-``nla_meta.yaml``::
-
-    kind: nla_universal
-    schema_version: 1
-    trunk: Qwen/Qwen3-8B       # the shared AV/AR's base model
-    d_shared: 4096             # = the trunk's width
-    layer_index: 24            # K of the trunk (the AR is cut after block K)
-    anchor: qwen3-8b           # its adapters may be absent (identity)
-    tags: [qwen3-8b, llama3-8b, gemma2-9b]
-    models: {llama3-8b: {model: meta-llama/Llama-3.1-8B, layer: 16, d_model: 4096}, ...}   # optional
-    injection: {mode: replace, scale: sqrt_d_model}      # optional (default replace, √d_shared)
-    tokens: {marker | injection_char, marker_id | injection_token_id, left_id, right_id}
-    prompt_templates: {av: "...{tag}...{marker}...", ar: "...{explanation}..."}
-                      # {model_tag} / {injection_char} are accepted spellings
-
-Our own bundle stores the same thing as a ``kind: nla_bundle`` sidecar with
-``extra.universal: {d_shared, anchor, tags, models}`` plus the same ``adapters/`` folder;
-:class:`UniversalNLA` reads and writes that, and the universal-adapters stage builds on it.
+Recipe reproduced: the AV prompt is the actor template with the model tag and injection
+char, in the chat template with a generation prompt; the embedding at the marker becomes
+``enc_M(h_M)`` normalised to √d_shared. The AR reads ``critic_template`` with the explanation,
+encoded without special tokens, at the last token; ``dec_M`` maps it back to model M.
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ from torch import nn
 from nla.errors import NLAError
 from nla.interop.common import (
     assemble,
-    find_head_file,
-    load_ar_trunk,
     load_av,
     load_linear,
     map_placeholders,
@@ -50,9 +48,11 @@ from nla.interop.common import (
 )
 from nla.meta import META_NAME, require
 
-KIND = "nla_universal"
-SCHEMA_VERSION = 1
+KIND = "nla_model_universal"
+AR_KIND = "nla_ar_universal"
 ADAPTERS = "adapters"
+POOL_WEIGHTS = "adapters.safetensors"
+POOL_META = "meta.json"
 
 
 def identity_map(d: int) -> nn.Linear:
@@ -72,7 +72,7 @@ def save_map(layer: nn.Linear, path: Path) -> None:
     save_file(tensors, str(path))
 
 
-def _read_map(path: Path) -> nn.Linear:
+def read_map(path: Path) -> nn.Linear:
     """A map whose shape comes from the file (its width is checked by the caller)."""
     from safetensors.torch import safe_open
 
@@ -82,6 +82,10 @@ def _read_map(path: Path) -> nn.Linear:
     except Exception as exc:
         raise NLAError(f"{path}: cannot read a 'weight' tensor ({str(exc).splitlines()[0]})") from None
     return load_linear(path, int(shape[1]), int(shape[0]))
+
+
+# Older name, still imported by nla/universal/cli.py.
+_read_map = read_map
 
 
 class UniversalNLA:
@@ -170,7 +174,7 @@ class UniversalNLA:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: str | torch.dtype = "float32",
                         device: str | None = None) -> UniversalNLA:
-        """Our universal bundle or the published ``nla_universal`` layout."""
+        """Our universal bundle, or AlexWortega's published ``nla_model_universal`` layout."""
         root = Path(path)
         data = sidecar(root)
         if data.get("kind") == KIND:
@@ -197,7 +201,7 @@ def read_maps(root: Path, tags: list[Any], anchor: str, d_shared: int, where: Pa
         for f in (enc_file, dec_file):
             if not f.exists():
                 raise NLAError(f"{where}: field 'tags' lists {tag!r} but {f.relative_to(root)} is missing")
-        enc, dec = _read_map(enc_file), _read_map(dec_file)
+        enc, dec = read_map(enc_file), read_map(dec_file)
         if enc.out_features != d_shared or dec.in_features != d_shared or enc.in_features != dec.out_features:
             raise NLAError(f"{folder}: enc is {enc.in_features}→{enc.out_features}, dec {dec.in_features}→"
                            f"{dec.out_features}; expected d_M→{d_shared} and {d_shared}→d_M (field 'd_shared')")
@@ -205,80 +209,128 @@ def read_maps(root: Path, tags: list[Any], anchor: str, d_shared: int, where: Pa
     return maps
 
 
-def load(path: str | Path, *, dtype: str | torch.dtype = "float32", device: str | None = None) -> UniversalNLA:
-    """A :class:`UniversalNLA` from the published ``nla_universal`` layout."""
+def read_pool(folder: Path, d_shared: int, where: Path) -> tuple[dict[str, tuple[nn.Linear, nn.Linear]], dict[str, int]]:
+    """``ModelPoolAdapters`` files → ``{tag: (enc, dec)}`` and ``{tag: d_M}``."""
+    import json
+
+    from nla.interop.common import linear_from, read_tensors
+
+    meta_path, weights = folder / POOL_META, folder / POOL_WEIGHTS
+    for f in (meta_path, weights):
+        if not f.exists():
+            raise NLAError(f"{where}: missing {f.relative_to(folder.parent)}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise NLAError(f"{meta_path}: malformed JSON ({str(exc).splitlines()[0]})") from None
+    cls = meta.get("adapter_class", "LinearAdapter")
+    if cls != "LinearAdapter":
+        raise NLAError(f"{meta_path}: field 'adapter_class' is {cls!r}; only LinearAdapter (bias-free linear maps) "
+                       f"is supported")
+    if meta.get("d_shared") != d_shared:
+        raise NLAError(f"{meta_path}: contradictory fields: d_shared is {meta.get('d_shared')!r} here and {d_shared} "
+                       f"in {where.name}")
+    dims = meta.get("model_dims")
+    if not isinstance(dims, dict) or not dims:
+        raise NLAError(f"{meta_path}: missing field 'model_dims'")
+    tensors = read_tensors(weights)
+    maps: dict[str, tuple[nn.Linear, nn.Linear]] = {}
+    for tag, d_m in dims.items():
+        enc_key, dec_key = f"encoders.{tag}.weight", f"decoders.{tag}.weight"
+        for key in (enc_key, dec_key):
+            if key not in tensors:
+                raise NLAError(f"{weights}: field 'model_dims' lists {tag!r} but tensor {key!r} is missing")
+        maps[str(tag)] = (linear_from({"weight": tensors[enc_key]}, int(d_m), d_shared, weights),
+                          linear_from({"weight": tensors[dec_key]}, d_shared, int(d_m), weights))
+    return maps, {str(k): int(v) for k, v in dims.items()}
+
+
+def load(path: str | Path, *, base_model: str | None = None, layer: int | None = None,
+         dtype: str | torch.dtype = "float32", device: str | None = None) -> UniversalNLA:
+    """A :class:`UniversalNLA` from AlexWortega's published universal layout."""
+    import math
+
     from nla.bundle import BundleMeta
+    from nla.interop.common import (
+        PAPER_TOKEN_FIELDS,
+        adapter_scaling,
+        adapter_tensors,
+        check_equal,
+        identity_head,
+        is_adapter_dir,
+        merged_trunk,
+    )
     from nla.models.injection import MarkerTokens
     from nla.models.layers import num_layers
-    from nla.models.loading import (
-        canonical_spec,
-        load_tokenizer,
-        parse_dtype,
-        pick_device,
-        resolve_model_path,
-    )
+    from nla.models.loading import canonical_spec, load_tokenizer, parse_dtype, pick_device
     from nla.models.verbalizer import InjectionSettings
 
     root = Path(path)
     where = root / META_NAME
     data = sidecar(root)
     kind = require(data, "kind", where, str)
+    if kind == AR_KIND:
+        raise NLAError(f"{where}: the AR half of a universal NLA (kind {AR_KIND!r}); pass the release folder whose "
+                       f"nla_meta.yaml has kind {KIND!r}")
     if kind != KIND:
         raise NLAError(f"{where}: field 'kind' is {kind!r}, expected {KIND!r}")
-    version = require(data, "schema_version", where, int)
-    if version != SCHEMA_VERSION:
-        raise NLAError(f"{where}: field 'schema_version' is {version}, this importer reads {SCHEMA_VERSION}")
-    trunk_spec = canonical_spec(require(data, "trunk", where, str))
-    d_shared = require(data, "d_shared", where, int)
-    layer = require(data, "layer_index", where, int)
-    anchor = require(data, "anchor", where, str)
-    tags = require(data, "tags", where, list)
-    if anchor not in tags:
-        raise NLAError(f"{where}: contradictory fields: 'anchor' {anchor!r} is not in 'tags' {tags}")
-    models = data.get("models") or {}
-    if not isinstance(models, dict):
-        raise NLAError(f"{where}: field 'models' has invalid value {models!r}")
-    inj = data.get("injection") or {}
-    mode = inj.get("mode", "replace")
-    if mode not in ("replace", "add"):
-        raise NLAError(f"{where}: field 'injection.mode' has invalid value {mode!r}")
-    scale = resolve_scale(inj.get("scale", "sqrt_d_model"), d_shared, where, "injection.scale")
-    tok = require(data, "tokens", where, dict)
-
-    def pick(ours: str, theirs: str) -> Any:
-        if ours in tok and theirs in tok and tok[ours] != tok[theirs]:
-            raise NLAError(f"{where}: contradictory fields: tokens.{ours} and tokens.{theirs} differ")
-        return require(data, f"tokens.{ours}" if ours in tok else f"tokens.{theirs}", where,
-                       str if ours == "marker" else int)
-
-    tokens = MarkerTokens(pick("marker", "injection_char"), pick("marker_id", "injection_token_id"),
-                          pick("left_id", "injection_left_neighbor_id"), pick("right_id", "injection_right_neighbor_id"))
-    av_template = map_placeholders(require(data, "prompt_templates.av", where, str),
-                                   {"marker": "marker", "injection_char": "marker", "tag": "tag", "model_tag": "tag"},
-                                   "marker", where, "prompt_templates.av")
-    ar_template = map_placeholders(require(data, "prompt_templates.ar", where, str), {"explanation": "explanation"},
-                                   "explanation", where, "prompt_templates.ar")
-    from transformers import AutoConfig
-
-    n_layers = num_layers(AutoConfig.from_pretrained(resolve_model_path(trunk_spec), trust_remote_code=False))
-    if not 0 <= layer < n_layers:
-        raise NLAError(f"{where}: field 'layer_index' is {layer}, the trunk has blocks 0..{n_layers - 1}")
-    meta = BundleMeta(
-        base_model=trunk_spec, layer_index=layer, d_model=d_shared, n_layers=n_layers,
-        injection=InjectionSettings(mode, scale, int(inj.get("layer", 1)), float(inj.get("coef", 1.0))),
-        tokens=tokens, prompt_templates={"av": av_template, "ar": ar_template}, mse_scale=float(d_shared) ** 0.5,
-        extra={"imported_from": {"layout": "universal", "path": str(root)}},
-    )
     av_dir, ar_dir = root / "av", root / "ar"
     for sub in (av_dir, ar_dir):
-        if not sub.is_dir():
-            raise NLAError(f"{root}: missing folder {sub.name}/")
-    meta.av_format = "peft" if (av_dir / "adapter_config.json").exists() else "full"
-    meta.ar_format = "peft" if (ar_dir / "adapter_config.json").exists() else "full"
+        if not is_adapter_dir(sub):
+            raise NLAError(f"{root}: {sub.name}/ is not a PEFT adapter folder (no adapter_config.json)")
+    ar_where = ar_dir / META_NAME
+    ar_data = sidecar(ar_dir) if ar_where.exists() else {}
+    if ar_data and ar_data.get("kind") != AR_KIND:
+        raise NLAError(f"{ar_where}: field 'kind' is {ar_data.get('kind')!r}, expected {AR_KIND!r}")
+    d_shared = check_equal({"d_shared": data.get("d_shared"), "ar d_shared": ar_data.get("d_shared")}, where)
+    if not isinstance(d_shared, int) or d_shared <= 0:
+        raise NLAError(f"{where}: field 'd_shared' has invalid value {d_shared!r}")
+    trunk_spec = canonical_spec(base_model or check_equal({"av_base": data.get("av_base"),
+                                                           "ar/nla_meta.yaml ar_base": ar_data.get("ar_base")}, where))
+    recorded = ar_data.get("layer_index")
+    if layer is not None and recorded is not None and layer != recorded:
+        raise NLAError(f"{ar_where}: contradictory fields: layer_index is {recorded!r} but {layer} was given")
+    k = layer if layer is not None else recorded
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise NLAError(f"{ar_where}: missing field 'layer_index' (the AR trunk's depth - 1): pass --layer K")
+    anchor = require(data, "anchor_tag", where, str)
+    scale = resolve_scale(data.get("injection_scale", "sqrt_d_model"), d_shared, where, "injection_scale")
+    tokens = MarkerTokens(require(data, "tokens.injection_char", where, str),
+                          require(data, "tokens.injection_token_id", where, int),
+                          require(data, "tokens.injection_left_neighbor_id", where, int),
+                          require(data, "tokens.injection_right_neighbor_id", where, int))
+    templates = require(data, "prompt_templates", where, dict)
+    raw_av = templates.get("av") or templates.get("actor")
+    if not isinstance(raw_av, str):
+        raise NLAError(f"{where}: missing field 'prompt_templates.actor'")
+    av_template = map_placeholders(raw_av, {"injection_char": "marker", "model_tag": "tag"}, "marker", where,
+                                   "prompt_templates.actor")
+    raw_ar = ar_data.get("critic_template")
+    if raw_ar is None:
+        raise NLAError(f"{ar_where}: missing field 'critic_template'")
+    ar_template = map_placeholders(str(raw_ar), {"z": "explanation", "explanation": "explanation"}, "explanation",
+                                   ar_where, "critic_template")
+    maps, dims = read_pool(root / ADAPTERS, d_shared, where)
+    if anchor not in maps:
+        raise NLAError(f"{where}: field 'anchor_tag' is {anchor!r}, not in adapters/meta.json model_dims "
+                       f"{sorted(maps)}")
+
     torch_dtype, dev = parse_dtype(dtype), pick_device(device)
-    tokenizer = load_tokenizer(trunk_spec if meta.av_format == "peft" else str(av_dir))
+    tokenizer = load_tokenizer(trunk_spec)
     av_model = load_av(av_dir, trunk_spec, torch_dtype, dev)
-    trunk = load_ar_trunk(ar_dir, trunk_spec, layer, torch_dtype)
-    head = load_linear(find_head_file(ar_dir, "value_head.safetensors"), d_shared, d_shared)
-    nla = assemble(meta, av_model, trunk, tokenizer, head, dev, str(where))
-    return UniversalNLA(nla, anchor, read_maps(root, tags, anchor, d_shared, where), models)
+    n_layers = num_layers(av_model.config)
+    if not 0 <= k < n_layers:
+        raise NLAError(f"{ar_where}: field 'layer_index' is {k}, the trunk has blocks 0..{n_layers - 1}")
+    trunk = merged_trunk(trunk_spec, k, adapter_tensors(ar_dir), adapter_scaling(ar_dir),
+                         ar_dir / "adapter_model.safetensors", torch_dtype)
+    meta = BundleMeta(
+        base_model=trunk_spec, layer_index=k, d_model=d_shared, n_layers=n_layers,
+        injection=InjectionSettings("replace", scale, 1, 1.0), tokens=tokens,
+        prompt_templates={"av": av_template, "ar": ar_template}, mse_scale=math.sqrt(d_shared),
+        av_format="peft", ar_format="full",
+        extra={"imported_from": {"layout": "universal", "path": str(root)}, "ar_add_special_tokens": False},
+    )
+    nla = assemble(meta, av_model, trunk, tokenizer, identity_head(d_shared), dev, str(where),
+                   field_names=PAPER_TOKEN_FIELDS)
+    models = {tag: {"d_model": d_m, "trained": tag in (data.get("training_tags") or [])} for tag, d_m in dims.items()}
+    return UniversalNLA(nla, anchor, maps, models)
