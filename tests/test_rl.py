@@ -442,3 +442,73 @@ def test_load_in_4bit_is_a_one_line_error_without_a_gpu(warm_start: Path, tiny_d
     q = quantization_config("float32")
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
     assert q.bnb_4bit_compute_dtype == torch.bfloat16  # fp32 compute would spend what 4-bit saves
+
+
+# ---------------------------------------------------------------- several processes
+def test_two_process_rl_matches_one_process_and_resumes(warm_start: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    """`accelerate launch` with 2 CPU processes (gloo) = one process on the same global batch.
+
+    Each rank generates its share (5 vectors: 3 + 2), the rewards are computed on the gathered
+    batch, the policy and AR gradients are summed over ranks, one checkpoint is written. The
+    curve (reward, loss, KL), the final adapter and AR weights, and the AR keep-up losses agree
+    within float tolerance; a 2-process run killed at step 3 and resumed continues the curve.
+    Launched like the SFT DDP test: `--multi_gpu` makes accelerate start two processes through
+    torchrun, `device="cpu"` makes them CPU processes talking over gloo.
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    # tests/ is on sys.path (pytest inserts a test folder without __init__.py), as for conftest.
+    from _rl_ddp import run
+    from test_sft import free_port
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    script = str(Path(__file__).parent / "_rl_ddp.py")
+
+    def launch(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                               "--mixed_precision", "no", "--dynamo_backend", "no",
+                               "--main_process_port", str(free_port()), script, str(warm_start), str(tiny_dataset),
+                               str(out), *extra], env=env, cwd=repo, capture_output=True, text=True)
+
+    single = tmp_path / "single"
+    run(str(warm_start), str(tiny_dataset), str(single))
+    ddp = tmp_path / "ddp"
+    res = launch(ddp)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    def curve(run_dir: Path) -> list[dict[str, Any]]:
+        return _rl_records(run_dir)
+
+    a, b = curve(single), curve(ddp)
+    assert [r["processes"] for r in b] == [2] * 4 and [r["processes"] for r in a] == [1] * 4
+    for key in ("reward", "length", "loss", "kl", "grad_norm"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-6), key
+    assert a[0]["reward"] != pytest.approx(a[-1]["reward"]) or a[0]["kl"] != pytest.approx(a[-1]["kl"])
+    assert a[-1]["kl"] > 0  # the policy moved: the match is not that of two idle runs
+    pa, pb = torch.load(single / "params.pt"), torch.load(ddp / "params.pt")
+    for part in ("av", "ar"):
+        assert pa[part].keys() == pb[part].keys() and pa[part]
+        for k in pa[part]:
+            assert torch.allclose(pa[part][k], pb[part][k], atol=1e-5, rtol=1e-4), (part, k)
+    la, lb = json.loads((single / "ar_losses.json").read_text()), json.loads((ddp / "ar_losses.json").read_text())
+    assert la == pytest.approx(lb, rel=1e-5) and la[1] < la[0]  # the AR learned, identically
+    # One checkpoint per save (not one per rank), and the bundle loads.
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == sorted(
+        p.name for p in (single / "checkpoints").iterdir())
+    assert NLA.from_pretrained(ddp).meta.av_format == "full"
+
+    # Killed during step 3 (after the step-2 checkpoint), resumed with 2 processes: the same curve.
+    cut = tmp_path / "cut"
+    killed = launch(cut, "--fail-at", "2")
+    assert killed.returncode != 0 and len(_rl_records(cut)) == 2
+    res = launch(cut, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    c = curve(cut)
+    assert [r["step"] for r in c] == [1, 2, 3, 4]
+    assert [r["reward"] for r in c] == pytest.approx([r["reward"] for r in b], rel=1e-4, abs=1e-6)
+    assert [r["kl"] for r in c] == pytest.approx([r["kl"] for r in b], rel=1e-4, abs=1e-6)

@@ -417,3 +417,113 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path,
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+# ---------------------------------------------------------------- processes
+class Distributed:
+    """The process group of an ``accelerate launch`` (torchrun) run; one process otherwise.
+
+    Trainers that split a batch themselves (RL: each rank generates its share) use it for the
+    few collectives they need: gathering Python objects, summing gradients (DDP's all-reduce,
+    done by hand so PEFT's adapter switching and the injection hooks work unchanged), agreeing
+    on a verdict, and running a step on the main process with its error raised on every rank
+    (a rank left waiting on a collective would hang instead of failing).
+    """
+
+    def __init__(self, device: str | None = None):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = 0
+        self.device: str | None = device
+        if self.world > 1:
+            from accelerate import PartialState
+
+            # gloo for CPU processes, NCCL for GPUs: accelerate picks the backend from `cpu`.
+            state = PartialState(cpu=device == "cpu")
+            self.world, self.rank = state.num_processes, state.process_index
+            if device != "cpu":
+                self.device = str(state.device)  # cuda:<local rank>, not every rank on cuda:0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, n: int) -> tuple[int, int]:
+        """``[start, stop)`` of this rank's contiguous share of ``n`` items (ranks in order)."""
+        base, extra = divmod(n, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (1 if self.rank < extra else 0)
+
+    def gather(self, items: list[Any]) -> list[Any]:
+        """Every rank's list, concatenated in rank order, on every rank."""
+        if self.world == 1:
+            return list(items)
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, list(items))
+        return [x for part in parts for x in part]
+
+    def _reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
+        return t
+
+    def sum_floats(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        return self._reduce(t, "sum").tolist()
+
+    def all_true(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        return bool(self._reduce(torch.tensor([int(flag)], device=self._comm_device()), "min").item())
+
+    def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum every rank's gradients in place (a parameter without a gradient counts as zero)."""
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            self._reduce(p.grad, "sum")
+
+    def broadcast_params(self, params: list[torch.nn.Parameter]) -> None:
+        """Rank 0's values everywhere (a freshly initialised adapter is random per process)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the main process; its NLAError is raised on every rank."""
+        if self.world == 1:
+            return fn()
+        import torch.distributed as dist
+
+        result, error = None, None
+        if self.main:
+            try:
+                result = fn()
+            except NLAError as exc:
+                error = str(exc)
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise NLAError(box[0])
+        return result
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _comm_device(self) -> torch.device:
+        import torch.distributed as dist
+
+        return torch.device(self.device) if dist.get_backend() == "nccl" and self.device else torch.device("cpu")

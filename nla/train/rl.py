@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +155,11 @@ def prepare_policy(nla: Any, cfg: RLConfig) -> Any:
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        av = get_peft_model(av, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                           target_modules="all-linear", bias="none"))
+        # The adapter's random init from --seed: a run (and every rank of one) starts the same.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            av = get_peft_model(av, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                               target_modules="all-linear", bias="none"))
     else:
         ref = copy.deepcopy(av).eval().requires_grad_(False)
         av.requires_grad_(True)
@@ -394,14 +397,21 @@ class RLTrainer:
                                "fine-tuning) cannot update them: pass --lora-r N")
             check_4bit_available(cfg.device)  # before the run directory is claimed
         loop.check_logging_backends(cfg.tensorboard, cfg.wandb)
+        # Under `accelerate launch`: this rank's place and device (docs/scaling.md).
+        self.dist = loop.Distributed(cfg.device)
+        if self.dist.world > 1 and cfg.generation_backend != "transformers":
+            raise NLAError("--generation-backend vllm runs in one process; under accelerate launch use "
+                           "--generation-backend transformers (each rank generates its share)")
         self.out = Path(cfg.out)
-        # The shared output guard (nla.config.claim_output), before anything is loaded or written.
-        claim_output(self.out, command="train rl", force=cfg.force, resume=cfg.resume, owned=RL_OWNED,
-                     config_file="train_config.yaml", settings=config_to_dict(cfg), free=RL_RESUME_FREE)
+        # The shared output guard (nla.config.claim_output), before anything is loaded or written;
+        # on the main process only, its refusal raised on every rank.
+        self.dist.on_main(lambda: claim_output(
+            self.out, command="train rl", force=cfg.force, resume=cfg.resume, owned=RL_OWNED,
+            config_file="train_config.yaml", settings=config_to_dict(cfg), free=RL_RESUME_FREE))
         self.rewards = rewards if rewards is not None else self._rewards_from_config()
         self.ds = ActivationDataset.open(cfg.data)
         with load_in_4bit(cfg.load_in_4bit, cfg.device):
-            self.nla = NLA.from_pretrained(cfg.nla, device=cfg.device, dtype=cfg.dtype, is_trainable=True)
+            self.nla = NLA.from_pretrained(cfg.nla, device=self.dist.device, dtype=cfg.dtype, is_trainable=True)
         meta = self.nla.meta
         if self.ds.meta.d_model != meta.d_model:
             raise NLAError(f"dataset {cfg.data} has d_model={self.ds.meta.d_model}, bundle {cfg.nla} has {meta.d_model}")
@@ -421,6 +431,8 @@ class RLTrainer:
         self.opt = torch.optim.AdamW(self.policy_params, lr=cfg.lr, weight_decay=0.0)
         self.sched = loop.cosine_with_warmup(self.opt, cfg.warmup_steps, cfg.steps)
         self.ar_opt = torch.optim.AdamW(self.ar_params, lr=cfg.ar_lr, weight_decay=0.0) if cfg.train_ar else None
+        # A fresh RL adapter is random per process: every rank starts from rank 0's.
+        self.dist.broadcast_params(self.policy_params + self.ar_params)
         self.sampling = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.gen_batch_size)
         self.backend = self._backend()
         self.state = loop.TrainerState(phase=PHASE, total_steps=cfg.steps)
@@ -463,9 +475,14 @@ class RLTrainer:
             extra["rl_adapter"] = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(av).items()}
         return extra
 
-    def save(self) -> Path:
-        return loop.save_checkpoint(self.out, MergedSaver(self.nla), self.state, self.opt, self.sched,
-                                    keep=self.cfg.keep_checkpoints, extra=self._extra_state())
+    def save(self) -> Path | None:
+        """One checkpoint, written by the main process (every rank holds the same weights)."""
+        path = None
+        if self.dist.main:
+            path = loop.save_checkpoint(self.out, MergedSaver(self.nla), self.state, self.opt, self.sched,
+                                        keep=self.cfg.keep_checkpoints, extra=self._extra_state())
+        self.dist.barrier()  # no rank runs ahead of a checkpoint a resume may need
+        return path
 
     def try_resume(self) -> bool:
         from nla.bundle import NLA
@@ -474,7 +491,7 @@ class RLTrainer:
         if ckpt is None:
             return False
         with load_in_4bit(self.cfg.load_in_4bit, self.cfg.device):
-            saved = NLA.from_pretrained(ckpt, device=self.cfg.device, dtype=self.cfg.dtype, is_trainable=True)
+            saved = NLA.from_pretrained(ckpt, device=self.dist.device, dtype=self.cfg.dtype, is_trainable=True)
         extra = loop.checkpoint_extra(ckpt)
         # AR: the checkpoint's, copied into the live modules so the optimizer keeps its params.
         self.nla.ar.load_state_dict(saved.ar.state_dict())
@@ -512,20 +529,34 @@ class RLTrainer:
         return [r.explanation if r.explanation is not None else r.raw for r in rollouts]
 
     def step(self, step: int) -> dict[str, Any]:
-        cfg = self.cfg
+        """One GRPO step. Under ``accelerate launch`` each rank generates, reconstructs and
+        updates on its contiguous share of the batch; rewards and advantages are computed on the
+        gathered whole (a reward may compare rows, e.g. contrastive), gradients are summed."""
+        cfg, dist = self.cfg, self.dist
         G = cfg.group_size
         idx = batch_indices(len(self.vectors), cfg.batch_size, step, cfg.seed)
-        vecs = self.vectors[idx]
+        lo, hi = dist.share(len(idx))
+        vecs_all = self.vectors[idx]
+        vecs = vecs_all[lo:hi]
 
         t0 = time.perf_counter()
-        rollouts = self.backend.generate(vecs, G, self.sampling, seed=cfg.seed * 7919 + step)
+        local: list[Rollout] = []
+        if hi > lo:
+            # offset: the sampling streams are those of the same rows in a one-process run.
+            local = self.backend.generate(vecs, G, self.sampling, seed=cfg.seed * 7919 + step, offset=lo)
         t_gen = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        row_vecs = vecs.repeat_interleave(G, 0)
-        texts = self._texts(rollouts)
         self.nla.ar.eval()
-        recon = self.nla.ar.reconstruct(texts).float()
+        local_recon = (self.nla.ar.reconstruct(self._texts(local)).float().cpu() if local
+                       else torch.zeros(0, self.nla.meta.d_model))
+        if dist.world > 1:
+            rollouts = dist.gather([replace(r, vector_index=r.vector_index + lo) for r in local])
+            recon = torch.cat([t for t in dist.gather([local_recon]) if len(t)] or [local_recon])
+        else:
+            rollouts, recon = local, local_recon
+        row_vecs = vecs_all.repeat_interleave(G, 0)
+        texts = self._texts(rollouts)
         invalid = [r.invalid for r in rollouts]
         rewards = score_rollouts(
             self.rewards, row_vecs, [r.explanation for r in rollouts], recon,
@@ -540,7 +571,9 @@ class RLTrainer:
         t_reward = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        upd = self._policy_update(rollouts, row_vecs, adv)
+        rows = slice(lo * G, hi * G)
+        n_scored = sum(1 for r in rollouts if r.completion_ids)
+        upd = self._policy_update(rollouts[rows], row_vecs[rows], adv[rows], n_scored)
         self.backend.sync_weights()
         t_update = time.perf_counter() - t0
 
@@ -562,6 +595,7 @@ class RLTrainer:
             "unparseable": sum(r.explanation is None for r in rollouts) / len(rollouts),
             "truncated": sum(not r.finished for r in rollouts) / len(rollouts),
             "lr": self.sched.get_last_lr()[0],
+            "processes": dist.world,
             "sec_generate": t_gen,
             "sec_reward": t_reward,
             "sec_update": t_update,
@@ -569,8 +603,11 @@ class RLTrainer:
             "example": texts[0][:200],
         }
 
-    def _policy_update(self, rollouts: list[Rollout], row_vecs: torch.Tensor, adv: torch.Tensor) -> dict[str, Any]:
-        cfg, vb = self.cfg, self.nla.verbalizer
+    def _policy_update(self, rollouts: list[Rollout], row_vecs: torch.Tensor, adv: torch.Tensor,
+                       n_scored: int) -> dict[str, Any]:
+        """Policy step on this rank's rollouts; ``n_scored``: answers scored over all ranks (the
+        loss is their mean, so the summed gradients equal one process's on the whole batch)."""
+        cfg, vb, dist = self.cfg, self.nla.verbalizer, self.dist
         model = self.nla.av_model
         prompt = vb.prompt_ids()
         pad_id = vb.tokenizer.pad_token_id if vb.tokenizer.pad_token_id is not None else vb.end_ids[0]
@@ -579,7 +616,7 @@ class RLTrainer:
         mb = max(1, cfg.update_batch_size)
         chunks = [keep[s : s + mb] for s in range(0, len(keep), mb)]
         ref_lp: list[torch.Tensor | None] = [None] * len(chunks)
-        if cfg.kl_coef > 0:
+        if cfg.kl_coef > 0 and chunks:
             with torch.no_grad(), self._reference() as (ref_model, ref_inj):
                 for c, chunk in enumerate(chunks):
                     ref_lp[c], _ = completion_logprobs(ref_model, ref_inj, prompt,
@@ -602,20 +639,25 @@ class RLTrainer:
                     assert old is not None
                     seq_loss, seq_kl = grpo_token_loss(logp, old, ref_lp[c], adv[chunk].to(logp.device), mask,
                                                        cfg.kl_coef, cfg.clip_eps)
-                    loss = seq_loss.sum() / max(len(keep), 1)
+                    loss = seq_loss.sum() / max(n_scored, 1)
                     if not torch.isfinite(loss):
                         bad = True
                         break
                     loss.backward()
                     total_loss += float(loss.detach())
                     kl_sum += float(seq_kl.detach().sum())
+                # Every rank skips together, or their weights would part ways.
+                bad = not dist.all_true(not bad)
+                total_loss, kl_sum = dist.sum_floats([total_loss, kl_sum])
                 if epoch == 0:
-                    kl_first = kl_sum / max(len(keep), 1)
+                    kl_first = kl_sum / max(n_scored, 1)
                 if bad:
                     self.opt.zero_grad(set_to_none=True)
                     stepped, norm = False, float("nan")
                 else:
-                    stepped, norm = loop.guarded_step(self.opt, self.policy_params, cfg.max_grad_norm)
+                    dist.sum_grads(self.policy_params)
+                    stepped, norm = loop.guarded_step(self.opt, self.policy_params, cfg.max_grad_norm,
+                                                      agree=dist.all_true)
                 if not stepped:
                     skipped += 1
                     self.state.skipped_steps += 1
@@ -628,7 +670,9 @@ class RLTrainer:
                 "grad_norm": norms[0] if norms else float("nan"), "skipped": skipped}
 
     def _ar_update(self, rollouts: list[Rollout], row_vecs: torch.Tensor, step: int) -> float:
-        cfg = self.cfg
+        """AR steps on the fresh explanations of the whole batch; each rank takes a share of each
+        step's pick and the gradients are summed, so any process count takes the same steps."""
+        cfg, dist = self.cfg, self.dist
         assert self.ar_opt is not None
         valid = [i for i, r in enumerate(rollouts) if not r.invalid]
         if not valid:
@@ -639,16 +683,22 @@ class RLTrainer:
         losses = []
         for _ in range(cfg.ar_steps):
             pick = [valid[int(j)] for j in torch.randperm(len(valid), generator=gen)[: cfg.ar_batch_size]]
-            ids, mask = ar.encode([rollouts[i].explanation or "" for i in pick])
-            pred = ar(ids.to(self.device), mask.to(self.device))
-            loss = metrics.mse_nrm(pred, row_vecs[pick].to(pred.device)).mean()
-            if not torch.isfinite(loss):
+            lo, hi = dist.share(len(pick))
+            mine = pick[lo:hi]
+            loss = torch.zeros((), device=self.device)
+            if mine:
+                ids, mask = ar.encode([rollouts[i].explanation or "" for i in mine])
+                pred = ar(ids.to(self.device), mask.to(self.device))
+                loss = metrics.mse_nrm(pred, row_vecs[mine].to(pred.device)).sum() / len(pick)
+            if not dist.all_true(bool(torch.isfinite(loss))):
                 self.ar_opt.zero_grad(set_to_none=True)
                 self.state.skipped_steps += 1
                 continue
-            loss.backward()
-            loop.guarded_step(self.ar_opt, self.ar_params, cfg.max_grad_norm)
-            losses.append(float(loss.detach()))
+            if mine:
+                loss.backward()
+            dist.sum_grads(self.ar_params)
+            loop.guarded_step(self.ar_opt, self.ar_params, cfg.max_grad_norm, agree=dist.all_true)
+            losses.append(dist.sum_floats([float(loss.detach())])[0])
         ar.eval()
         return sum(losses) / len(losses) if losses else float("nan")
 
@@ -662,31 +712,32 @@ class RLTrainer:
 
     # ------------------------------------------------------------ run
     def train(self) -> dict[str, Any]:
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.out / "train_config.yaml")
+        cfg, main = self.cfg, self.dist.main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "train_config.yaml")
         logger = loop.MetricsLogger(self.out, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
-                                    wandb_project=cfg.wandb_project)
+                                    wandb_project=cfg.wandb_project, enabled=main)
         resumed = cfg.resume and self.try_resume()
-        if cfg.resume and not resumed:
+        if cfg.resume and not resumed and main:
             print(f"nla train rl: no checkpoint in {self.out}, starting fresh", file=sys.stderr)
         if not resumed:
             logger.truncate_after(-1, PHASE)
             logger.truncate_after(-1, "eval")
-            before = self.evaluate()
+            before = self.evaluate() if main else {}
             if before:
                 logger.log(0, before, phase="eval")
         else:
             logger.truncate_after(self.state.step, PHASE)
             logger.truncate_after(0, "eval")  # keep the before-RL figure, the after one is re-made
-        bar = loop.Progress(cfg.steps, initial=self.state.step, desc="rl", enabled=cfg.progress)
+        bar = loop.Progress(cfg.steps, initial=self.state.step, desc="rl", enabled=cfg.progress and main)
         started = time.perf_counter()
         try:
             while self.state.step < cfg.steps:
                 step = self.state.step
                 record = self.step(step)
                 self.state.step = step + 1
-                if record["collapse_alarm"]:
+                if record["collapse_alarm"] and main:
                     print(f"nla train rl: WARNING mode collapse at step {step + 1}: only "
                           f"{record['distinct_rate']:.0%} of explanations distinct (< {cfg.collapse_threshold:.0%}); "
                           f"e.g. {record['example']!r}", file=sys.stderr)
@@ -697,16 +748,21 @@ class RLTrainer:
                     self.save()
         finally:
             bar.close()
+        self.state.done = True
+        if not main:
+            self.dist.barrier()  # the main process writes the bundle and the summary
+            return {"rank": self.dist.rank}
         after = self.evaluate()
         if after:
             logger.log(cfg.steps, after, phase="eval")
-        self.state.done = True
         loop.publish_bundle(MergedSaver(self.nla), self.out)
         logger.close()
         loop.plot_metrics(self.out / loop.METRICS_FILE, self.out / loop.PLOT_FILE)
         summary = summarize_run(self.out, cfg.collapse_threshold)
         summary["wall_s_this_session"] = round(time.perf_counter() - started, 1)
+        summary["processes"] = self.dist.world
         _write_json(self.out / SUMMARY_FILE, summary)
+        self.dist.barrier()
         return summary
 
 
@@ -799,6 +855,8 @@ def cmd_rl(args: Any) -> int:
 
     cfg = resolve_config(RLConfig, args, section="rl")
     summary = train_rl(cfg)
+    if "rank" in summary:
+        return 0  # a non-main process of `accelerate launch`: the main one reports
     keys = ("reward_first", "reward_last", "collapsed", "hedging")
     print(" ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}"
                    for k in keys))
