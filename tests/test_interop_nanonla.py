@@ -310,3 +310,25 @@ def test_pickled_head_is_refused_not_run(tmp_path: Path) -> None:
     with pytest.raises(NLAError, match=r"linear_head\.pt"):
         load_linear(path, 4, 4)
     assert not sentinel.exists()
+
+
+def test_single_role_halves(tmp_path: Path) -> None:
+    """Only one of the pair at hand: the AV still verbalizes (injection still required), the AR
+    still reconstructs, each exactly as in the pair."""
+    av_dir, ar_dir = write_nanonla(tmp_path / "pair")
+    pair = import_layout(av_dir, injection="add")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    av_alone = av_dir.rename(tmp_path / "a" / av_dir.name)  # no sibling: each folder is alone
+    ar_alone = ar_dir.rename(tmp_path / "b" / ar_dir.name)
+    with pytest.raises(NLAError, match="--injection add"):
+        import_layout(av_alone)
+    av_only = import_layout(av_alone, injection="add")
+    ar_only = import_layout(ar_alone)  # an AR needs no injection
+    v = torch.randn(2, pair.meta.d_model, generator=torch.Generator().manual_seed(2))
+    assert [o[0].token_ids for o in av_only.verbalize(v, max_new_tokens=5)] == \
+        [o[0].token_ids for o in pair.verbalize(v, max_new_tokens=5)]
+    texts = ["alpha beta", "numbers"]
+    assert torch.allclose(ar_only.reconstruct(texts), pair.reconstruct(texts), atol=1e-5)
+    with pytest.raises(NLAError, match="needs the AV"):
+        ar_only.verbalize(v)

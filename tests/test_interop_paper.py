@@ -200,9 +200,36 @@ def test_wrong_ar_depth_is_an_off_by_one_error(tmp_path: Path) -> None:
 def test_half_without_partner_says_how_to_pass_it(tmp_path: Path) -> None:
     av_dir, ar_dir = write_pair(tmp_path)
     lone = ar_dir.rename(tmp_path / "elsewhere")
+    av_only = NLA.from_pretrained(av_dir)  # loads alone; what needs the AR says how to add it
     with pytest.raises(NLAError, match="--ar"):
-        NLA.from_pretrained(av_dir)
+        av_only.reconstruct(["x"])
     assert import_layout(av_dir, ar=lone).meta.layer_index == K
+
+
+def test_single_role_folders_still_verbalize_or_reconstruct(tmp_path: Path) -> None:
+    """An AV-only or AR-only release: the half that is there works exactly as in the pair, and
+    a half bundle written from it reads back."""
+    from nla.interop.single import SingleRoleNLA
+
+    av_dir, ar_dir = write_pair(tmp_path / "pair")
+    pair = import_layout(av_dir)
+    (tmp_path / "solo").mkdir()
+    av_alone = av_dir.rename(tmp_path / "solo" / "nla-tiny-L2-av")
+    ar_alone = ar_dir.rename(tmp_path / "nla-tiny-L2-ar")
+    av_only = import_layout(av_alone, tmp_path / "av-bundle")
+    ar_only = import_layout(ar_alone, tmp_path / "ar-bundle")
+    assert isinstance(av_only, SingleRoleNLA) and (av_only.role, ar_only.role) == ("av", "ar")
+    v = torch.randn(2, 48, generator=torch.Generator().manual_seed(1))
+    expected = [o[0].token_ids for o in pair.verbalize(v, max_new_tokens=5)]
+    texts = ["a cat sits on a mat", "numbers"]
+    for half in (av_only, NLA.from_pretrained(tmp_path / "av-bundle")):
+        assert [o[0].token_ids for o in half.verbalize(v, max_new_tokens=5)] == expected
+        with pytest.raises(NLAError, match="needs the AR"):
+            half.round_trip(v)
+    for half in (ar_only, NLA.from_pretrained(tmp_path / "ar-bundle")):
+        assert torch.allclose(half.reconstruct(texts), pair.reconstruct(texts), atol=1e-5)
+        with pytest.raises(NLAError, match="needs the AV"):
+            half.verbalize(v)
 
 
 def write_training_pair(root: Path, *, schema: int = 2) -> tuple[Path, Path]:
@@ -309,3 +336,29 @@ def test_a_400_token_explanation_is_read_whole_like_the_paper_critic(tmp_path: P
         hidden = ar(input_ids=torch.tensor([ids])).last_hidden_state[0, -1].float()
     expected = apply_head(load_file(str(ar_dir / "value_head.safetensors")), hidden)
     assert torch.allclose(nla.reconstruct([explanation])[0], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda av, ar: _edit(ar / "nla_meta.yaml", lambda m: m["critic"].update(extraction_layer_index=1)),
+         "contradictory fields: critic.extraction_layer_index (AR)=1"),
+        (lambda av, ar: _edit(av / "nla_meta.yaml", lambda m: m["tokens"].pop("injection_char")),
+         "missing field 'tokens.injection_char'"),
+        (lambda av, ar: (ar / "config.json").unlink(), "no config.json"),
+    ],
+)
+def test_cli_unmappable_folder_fails_in_one_line(tmp_path: Path, change, message: str) -> None:  # type: ignore[no-untyped-def]
+    """`nla import` on a folder that cannot be mapped: exit status != 0, one stderr line naming
+    the field, no traceback (the real CLI in a subprocess)."""
+    import subprocess
+    import sys
+
+    av_dir, ar_dir = write_pair(tmp_path)
+    change(av_dir, ar_dir)
+    proc = subprocess.run([sys.executable, "-m", "nla.cli", "import", str(av_dir), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()

@@ -119,5 +119,5 @@ def test_option_that_does_not_apply_is_named(tmp_path: Path) -> None:
 def test_loader_table_is_flat_and_complete() -> None:
     from nla.interop import LOADERS
 
-    assert set(LOADERS) == {"bundle", "paper", "nanonla", "anicka", "solshine", "universal"}
+    assert set(LOADERS) == {"bundle", "paper", "nanonla", "anicka", "solshine", "universal", "single"}
     assert all(callable(f) for f in LOADERS.values())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 
@@ -14,6 +16,15 @@ def cmd_import(args: Any) -> None:
     # folder it did not write (a notes file, a dataset), and replaces a bundle only with --force.
     claim_bundle_folder(args.out, command="import", force=args.force)
     check_device(args.device, "--device")
+    try:
+        _import(args, import_layout)
+    except BaseException:
+        # A failed write (full disk) must not leave the bundle's temp folder behind.
+        shutil.rmtree(Path(args.out).with_name(Path(args.out).name + ".tmp"), ignore_errors=True)
+        raise
+
+
+def _import(args: Any, import_layout: Any) -> None:
     obj = import_layout(args.source, args.out, layout=args.layout, ar=args.ar, base_model=args.base_model,
                         injection=args.injection, inject_layer=args.inject_layer, inject_coef=args.inject_coef,
                         injection_scale=args.injection_scale, ar_layer=args.ar_layer, depth_pct=args.depth_pct,

@@ -182,7 +182,13 @@ def config_width(folder: Path) -> int:
     """``hidden_size`` from a model folder's config.json (read as data)."""
     import json
 
-    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    path = folder / "config.json"
+    if not path.exists():
+        raise NLAError(f"{folder}: no config.json")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise NLAError(f"{path}: malformed JSON ({first_line(exc)})") from None
     cfg = cfg.get("text_config") or cfg
     for name in ("hidden_size", "n_embd", "d_model"):
         if isinstance(cfg.get(name), int):

@@ -86,13 +86,17 @@ def is_nanonla_dir(root: Path) -> bool:
     return kind == KIND and has_weights
 
 
-def resolve_pair(path: Path, ar: Path | None = None) -> tuple[Path, Path]:
+def resolve_pair(path: Path, ar: Path | None = None) -> tuple[Path | None, Path | None]:
+    """``(av_dir, ar_dir)``; a half with no sibling gives ``None`` for the other (single role)."""
     if ar is not None:
         return path, ar
     if is_nanonla_dir(path / "av") and is_nanonla_dir(path / "ar"):
         return path / "av", path / "ar"
     role = "ar" if is_ar_dir(path) else "av"
-    other = find_partner(path, role, is_nanonla_dir, "nanoNLA")
+    try:
+        other: Path | None = find_partner(path, role, is_nanonla_dir, "nanoNLA")
+    except NLAError:
+        other = None
     return (path, other) if role == "av" else (other, path)
 
 
@@ -108,8 +112,12 @@ def _template(data: dict[str, Any], where: Path, ours: str, theirs: str) -> str:
 
 def read_meta(av_dir: Path, ar_dir: Path, *, injection: str | None, base_model: str | None = None,
               inject_layer: int | None = None, inject_coef: float | None = None,
-              injection_scale: float | str | None = None) -> Any:
-    """Both halves' sidecars (copies of one dataset sidecar) as our :class:`BundleMeta`."""
+              injection_scale: float | str | None = None, ar_only: bool = False) -> Any:
+    """Both halves' sidecars (copies of one dataset sidecar) as our :class:`BundleMeta`.
+
+    ``ar_only``: an AR with no AV (both arguments are the AR folder); the injection, which
+    only the AV uses, is then not needed.
+    """
     from nla.bundle import BundleMeta
 
     av_where, ar_where = av_dir / META_NAME, ar_dir / META_NAME
@@ -121,7 +129,7 @@ def read_meta(av_dir: Path, ar_dir: Path, *, injection: str | None, base_model: 
         version = data.get("schema_version", 1)
         if version != 1:
             raise NLAError(f"{where}: field 'schema_version' is {version!r}, this importer reads 1")
-    if is_ar_dir(av_dir):
+    if is_ar_dir(av_dir) and not ar_only:
         raise NLAError(f"{av_dir}: holds a value head, so it is an AR folder; pass the AV folder as SOURCE")
     d_model = check_equal({"extraction.d_model (AV)": av.get("extraction", {}).get("d_model"),
                            "extraction.d_model (AR)": ar.get("extraction", {}).get("d_model")}, av_where)
@@ -147,6 +155,8 @@ def read_meta(av_dir: Path, ar_dir: Path, *, injection: str | None, base_model: 
                                    av_where, "prompt_templates.actor")
     ar_template = map_placeholders(_template(ar, ar_where, "ar", "critic"), {"explanation": "explanation"},
                                    "explanation", ar_where, "prompt_templates.critic")
+    if injection is None and ar_only:
+        injection = "replace"  # unused without an AV; recorded only to keep the sidecar's shape
     if injection is None:
         raise NLAError(f"{av_where}: the nanoNLA sidecar does not record the injection (field 'injection' is "
                        f"missing); nanoNLA trains additive injection at block 1: pass --injection add "
@@ -158,6 +168,8 @@ def read_meta(av_dir: Path, ar_dir: Path, *, injection: str | None, base_model: 
         scale = math.sqrt(d_model)  # unused by additive injection; recorded as the replace default
     else:
         raw = injection_scale if injection_scale is not None else av.get("extraction", {}).get("injection_scale")
+        if raw is None and ar_only:
+            raw = "sqrt_d_model"
         if raw is None:
             raise NLAError(f"{av_where}: replace injection needs the scale the AV was trained with; field "
                            f"'extraction.injection_scale' is missing: pass injection_scale=...")
@@ -234,9 +246,34 @@ def load(path: str | Path, *, ar: str | Path | None = None, injection: str | Non
     from nla.models.loading import load_tokenizer, parse_dtype, pick_device
 
     av_dir, ar_dir = resolve_pair(Path(path), Path(ar) if ar is not None else None)
+    torch_dtype, dev = parse_dtype(dtype), pick_device(device)
+    if ar_dir is None:
+        assert av_dir is not None
+        # An AV with no AR: it still verbalizes (the injection must still be given).
+        from nla.interop.single import build
+
+        meta = read_meta(av_dir, av_dir, injection=injection, base_model=base_model, inject_layer=inject_layer,
+                         inject_coef=inject_coef, injection_scale=injection_scale)
+        meta.extra["single_role"] = "av"
+        tokenizer = load_tokenizer(str(av_dir) if (av_dir / "tokenizer_config.json").exists() else meta.base_model)
+        model = load_av(av_dir, meta.base_model, torch_dtype, dev)
+        if meta.n_layers < 0:
+            from nla.models.layers import num_layers
+
+            meta.n_layers = num_layers(model.config)
+        return build(meta, "av", tokenizer, model, None, dev, str(av_dir / META_NAME), PAPER_TOKEN_FIELDS)
+    if av_dir is None:
+        from nla.interop.single import build
+
+        meta = read_meta(ar_dir, ar_dir, injection=injection, base_model=base_model, ar_only=True)
+        meta.extra["single_role"] = "ar"
+        trunk, head, keep_norm = load_ar(ar_dir, meta.base_model, meta.layer_index, meta.d_model, torch_dtype)
+        if keep_norm:
+            meta.extra["ar_final_norm"] = True
+        tok_src = str(ar_dir) if (ar_dir / "tokenizer_config.json").exists() else meta.base_model
+        return build(meta, "ar", load_tokenizer(tok_src), trunk, head, dev, str(ar_dir / META_NAME))
     meta = read_meta(av_dir, ar_dir, injection=injection, base_model=base_model, inject_layer=inject_layer,
                      inject_coef=inject_coef, injection_scale=injection_scale)
-    torch_dtype, dev = parse_dtype(dtype), pick_device(device)
     if (av_dir / "config.json").exists():
         check_width(meta.d_model, [av_dir], av_dir / META_NAME, "extraction.d_model")
     tok_src = str(av_dir) if (av_dir / "tokenizer_config.json").exists() else meta.base_model

@@ -29,6 +29,7 @@ tokenized with special tokens, read at the last token and passed through
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +96,20 @@ def is_paper_dir(root: Path) -> bool:
         return False
 
 
-def resolve_pair(path: Path, ar: Path | None = None) -> tuple[Path, Path]:
-    """``(av_dir, ar_dir)`` from a pair folder (``av/`` + ``ar/``), or one half and its sibling."""
+def resolve_pair(path: Path, ar: Path | None = None) -> tuple[Path | None, Path | None]:
+    """``(av_dir, ar_dir)`` from a pair folder (``av/`` + ``ar/``), or one half and its sibling.
+
+    A half with no sibling gives ``None`` for the other: it loads as a single-role NLA.
+    """
     if ar is not None:
         return path, ar
     if is_paper_dir(path / "av") and is_paper_dir(path / "ar"):
         return path / "av", path / "ar"
     role = _role(path, sidecar(path))
-    other = find_partner(path, role, is_paper_dir, "paper checkpoint")
+    try:
+        other: Path | None = find_partner(path, role, is_paper_dir, "paper checkpoint")
+    except NLAError:
+        other = None
     return (path, other) if role == "av" else (other, path)
 
 
@@ -212,6 +219,65 @@ def read_meta(av_dir: Path, ar_dir: Path, base_model: str | None = None,
     return meta, suffix
 
 
+def read_half_meta(folder: Path, role: str, base_model: str | None = None,
+                   injection_scale: float | str | None = None) -> tuple[Any, list[int] | None]:
+    """One half's sidecar as our :class:`BundleMeta` (the other half's fields left empty)."""
+    from nla.bundle import BundleMeta
+
+    where = folder / META_NAME
+    data = sidecar(folder)
+    _check_header(data, where)
+    d_model = require(data, "d_model", where, int)
+    check_width(d_model, [folder], where)
+    layer = check_equal(layer_fields(data, role.upper()), where)
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+        raise NLAError(f"{where}: field 'critic.extraction_layer_index' has invalid value {layer!r}")
+    tok = data.get("tokens") or {}
+    suffix = tok.get("critic_suffix_ids")
+    if role == "av":
+        raw = injection_scale if injection_scale is not None else require(data, "extraction.injection_scale", where)
+        if raw is None or raw in ("raw", "none"):
+            raise NLAError(f"{where}: field 'extraction.injection_scale' is null (raw, unscaled injection), which "
+                           f"nla does not reproduce; pass the scale the AV was trained with (injection_scale=...)")
+        scale = resolve_scale(raw, d_model, where, "extraction.injection_scale")
+        tokens = MarkerTokens(require(data, "tokens.injection_char", where, str),
+                              require(data, "tokens.injection_token_id", where, int),
+                              require(data, "tokens.injection_left_neighbor_id", where, int),
+                              require(data, "tokens.injection_right_neighbor_id", where, int))
+        raw_av = _template(data, where, "av", "actor")
+        if raw_av is None:
+            raise NLAError(f"{where}: missing field 'prompt_templates.av'")
+        av_template = map_placeholders(raw_av, {"injection_char": "marker"}, "marker", where, "prompt_templates.av")
+        ar_template = ""
+    else:
+        ar_layers = config_layers(folder)
+        if ar_layers != layer + 1:
+            raise NLAError(f"{where}: field 'critic.extraction_layer_index' is {layer} but the AR config has "
+                           f"num_hidden_layers={ar_layers} (expected {layer + 1})")
+        scale = math.sqrt(d_model)
+        # An AR needs no marker; an empty one keeps the sidecar's shape.
+        tokens = MarkerTokens(str(tok.get("injection_char", "")), int(tok.get("injection_token_id", -1)),
+                              int(tok.get("injection_left_neighbor_id", -1)), int(tok.get("injection_right_neighbor_id", -1)))
+        raw_ar = _template(data, where, "ar", "critic")
+        if raw_ar is None:
+            raise NLAError(f"{where}: missing field 'prompt_templates.ar'")
+        av_template = ""
+        ar_template = map_placeholders(raw_ar, {"explanation": "explanation"}, "explanation", where,
+                                       "prompt_templates.ar")
+    mse_raw = (data.get("extraction") or {}).get("mse_scale", "sqrt_d_model")
+    mse_scale = resolve_scale("sqrt_d_model" if mse_raw is None else mse_raw, d_model, where, "extraction.mse_scale")
+    base = base_model or data.get("base_checkpoint") or data.get("base_model") or ""
+    meta = BundleMeta(
+        base_model=str(base), layer_index=layer, d_model=d_model,
+        n_layers=config_layers(folder) if role == "av" else -1,
+        injection=InjectionSettings("replace", scale, 1, 1.0), tokens=tokens,
+        prompt_templates={"av": av_template, "ar": ar_template}, mse_scale=mse_scale,
+        extra={"imported_from": {"layout": "paper", role: str(folder), "stage": data.get("stage")},
+               "single_role": role},
+    )
+    return meta, suffix
+
+
 def _check_suffix(tokenizer: Any, ar_template: str, suffix: list[int] | None, where: Path) -> None:
     """The AR reads the last token: the sidecar pins which ids end its input."""
     if not suffix:
@@ -230,8 +296,23 @@ def load(path: str | Path, *, ar: str | Path | None = None, base_model: str | No
     from nla.models.reconstructor import load_trunk
 
     av_dir, ar_dir = resolve_pair(Path(path), Path(ar) if ar is not None else None)
-    meta, suffix = read_meta(av_dir, ar_dir, base_model, injection_scale)
     torch_dtype, dev = parse_dtype(dtype), pick_device(device)
+    if av_dir is None or ar_dir is None:
+        # One role published (or at hand): it still verbalizes or reconstructs on its own.
+        from nla.interop.single import build
+
+        role, folder = ("av", av_dir) if ar_dir is None else ("ar", ar_dir)
+        assert folder is not None
+        meta, suffix = read_half_meta(folder, role, base_model, injection_scale)
+        tokenizer = load_tokenizer(str(folder))
+        if role == "av":
+            model, _ = load_model(str(folder), dtype=torch_dtype, device=dev)
+            return build(meta, "av", tokenizer, model, None, dev, str(folder / META_NAME), PAPER_TOKEN_FIELDS)
+        _check_suffix(tokenizer, meta.prompt_templates["ar"], suffix, folder / META_NAME)
+        head = load_linear(find_head_file(folder, "value_head.safetensors"), meta.d_model, meta.d_model)
+        return build(meta, "ar", tokenizer, load_trunk(str(folder), None, torch_dtype), head, dev,
+                     str(folder / META_NAME))
+    meta, suffix = read_meta(av_dir, ar_dir, base_model, injection_scale)
     tokenizer = load_tokenizer(str(av_dir))
     _check_suffix(tokenizer, meta.prompt_templates["ar"], suffix, ar_dir / META_NAME)
     av_model, _ = load_model(str(av_dir), dtype=torch_dtype, device=dev)

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from nla.errors import NLAError
-from nla.interop import anicka, nanonla, paper, solshine, universal
+from nla.interop import anicka, nanonla, paper, single, solshine, universal
 from nla.interop.common import first_line, is_adapter_dir, partner_candidates
 from nla.meta import META_NAME, read_yaml
 
@@ -44,6 +44,7 @@ LOADERS: dict[str, Callable[..., Any]] = {
     "solshine": solshine.load,
     "anicka": anicka.load,
     "universal": universal.load,
+    "single": single.load,
 }
 LAYOUTS = tuple(LOADERS)
 
@@ -134,6 +135,8 @@ def _by_sidecar(root: Path, data: dict[str, Any]) -> str:
     meta = root / META_NAME
     if kind == "nla_bundle":
         return "bundle"
+    if kind == single.KIND:
+        return "single"
     if kind == universal.KIND:
         return "universal"
     if kind == universal.AR_KIND:
