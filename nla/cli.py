@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "serve": "nla.serve.cli",
     "search": "nla.search",
     "steer": "nla.steer",
+    "publish": "nla.publish",
     "import": "nla.interop.cli",
     "releases": "nla.interop.cli",
     "universal": "nla.universal.cli",
