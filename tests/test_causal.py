@@ -125,3 +125,32 @@ def test_eval_reports_causal_block(setup: tuple[Path, Path], tmp_path: Path) -> 
     assert main(["eval", "--nla", str(bundle), "--data", str(data), "--out", str(skip), "--no-causal", *fast]) == 0
     assert json.loads((skip / "metrics.json").read_text())["causal"] == {"enabled": False}
     assert "causal block not run" in (skip / "index.html").read_text()
+
+
+def test_per_position_check_and_api(loaded: tuple[NLA, ActivationDataset]) -> None:
+    """The explorer's per-token check is the eval block's patching at one position."""
+    import httpx
+
+    from nla.eval.causal import causal_at_positions
+    from nla.serve import ServeConfig, create_app, running_server
+
+    nla, _ = loaded
+    text = "A for loop repeats a block of code"
+    ids = nla.tokenizer.encode(text, add_special_tokens=True)
+    recon = nla.reconstruct(["loops in Python", "a keyword"])
+    mean = nla.mean_vector
+    assert mean is not None
+    got = causal_at_positions(nla, ids, [3, len(ids) - 1], recon, mean)
+    block, _ = causal_faithfulness(nla, [nla.tokenizer.decode(ids, skip_special_tokens=True)],
+                                   nla.base_states(ids)[1][-1:], recon[1:], mean)
+    assert got[1]["kl_reconstruction"] == pytest.approx(block["kl"]["reconstruction"], rel=1e-4)
+    assert got[1]["kl_mean_ablation"] == pytest.approx(block["kl"]["mean_ablation"], rel=1e-4)
+    with running_server(create_app(nla, ServeConfig(torch_threads=1, default_new_tokens=4))) as url:
+        r = httpx.post(url + "/v1/explain", json={"text": text, "positions": [-1], "causal": True}, timeout=60).json()
+        c = r["results"][0]["causal"]
+        want = causal_at_positions(nla, ids, [len(ids) - 1], nla.reconstruct([r["results"][0]["explanation"]
+                                                                              or r["results"][0]["raw"] or " "]), mean)[0]
+        assert c["kl_reconstruction"] == pytest.approx(want["kl_reconstruction"], rel=1e-4)
+        assert c["fraction_recovered"] == pytest.approx(want["fraction_recovered"], rel=1e-4)
+        plain = httpx.post(url + "/v1/explain", json={"text": text, "positions": [-1]}, timeout=60).json()
+        assert plain["results"][0]["causal"] is None

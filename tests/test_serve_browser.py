@@ -190,3 +190,21 @@ def test_chat_transcript_tokens_carry_roles(page: Any, server: str) -> None:
     page.wait_for_selector("#error:not([hidden])")
     assert "not valid JSON" in page.text_content("#error")
     page.uncheck("#chat-mode")
+
+
+def test_causal_check_in_the_detail(page: Any, server: str) -> None:
+    page.uncheck("#chat-mode")
+    page.fill("#text", TEXT)
+    page.click("#tokenize")
+    page.wait_for_selector("#tokens .token")
+    page.check("#causal")
+    page.click('#tokens .token[data-position="4"]')
+    page.wait_for_selector("#causal-result:not([hidden])")
+    with httpx.Client(base_url=server) as c:
+        want = c.post("/v1/explain", json={"text": TEXT, "positions": [4], "causal": True}).json()["results"][0]["causal"]
+    shown = page.text_content("#causal-result")
+    assert f"KL {want['kl_reconstruction']:.4f} vs μ {want['kl_mean_ablation']:.4f}" in shown
+    page.uncheck("#causal")
+    page.click('#tokens .token[data-position="3"]')
+    page.wait_for_function("document.getElementById('d-position').textContent === '3'")
+    page.wait_for_selector("#causal-result", state="hidden")

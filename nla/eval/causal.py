@@ -223,3 +223,19 @@ def summarize(rows: CausalRows, n: int, mismatched: int) -> dict[str, Any]:
             "per_claim_index": [{"index": j, "n": len(v), "delta_kl": sum(v) / len(v)} for j, v in sorted(by_index.items())],
         },
     }
+
+
+def causal_at_positions(nla: Any, ids: list[int], positions: list[int], recon: torch.Tensor,
+                        mean: torch.Tensor) -> list[dict[str, float | None]]:
+    """For each position ``p`` of ``ids``: the KL of patching ``recon[i]`` and μ at ``p`` (the
+    next-token distribution after ``ids[:p + 1]``) and the fraction recovered (the explorer's
+    per-token causal check; same patching as :func:`causal_faithfulness`)."""
+    out: list[dict[str, float | None]] = []
+    with base_lm(nla) as model:
+        for i, p in enumerate(positions):
+            logp, _ = patched_logprobs(model, nla.meta.layer_index, ids[: p + 1],
+                                       torch.stack([recon[i].float(), mean.float()]))
+            kl_recon, kl_mean = kl_div(logp[:1], logp[1:]).tolist()
+            out.append({"kl_reconstruction": kl_recon, "kl_mean_ablation": kl_mean,
+                        "fraction_recovered": fraction_recovered(kl_recon, kl_mean)})
+    return out

@@ -109,6 +109,8 @@ class ExplainRequest(GenerationOptions):
     messages: list[ChatMessage] | None = Field(
         default=None, description="a chat transcript instead of text: rendered with the model's chat template, "
                                   "each token tagged with its turn's role")
+    causal: bool = Field(default=False, description="also patch the first sample's reconstruction (and the mean μ) "
+                                                    "back into the base model at layer K and report the next-token KL")
     positions: list[int] | None = Field(
         default=None, description="token positions to explain (negative counts from the end); null: all; []: tokens only"
     )
@@ -141,6 +143,13 @@ class PositionResult(BaseModel):
     cosine: float | None
     fve_nrm: float | None = None
     samples: list[Sample]
+    causal: CausalCheck | None = None
+
+
+class CausalCheck(BaseModel):
+    kl_reconstruction: float | None = Field(description="KL(clean ‖ reconstruction patched at this position), nats")
+    kl_mean_ablation: float | None = Field(description="KL(clean ‖ μ patched), nats")
+    fraction_recovered: float | None = Field(description="1 − KL(reconstruction)/KL(μ); null when μ changes nothing")
 
 
 class ExplainResponse(BaseModel):
@@ -473,12 +482,22 @@ class NLAService:
         baseline = metrics.baseline_variance(states, mean) if mean is not None else None
         samples = await self.samples_with_round_trip(states[positions], key, True, baseline)
         contexts = await self.thread.run(self._contexts, ids, positions)
+        checks: list[Any] = [None] * len(positions)
+        if req.causal:
+            from nla.eval.causal import causal_at_positions
+
+            if mean is None:
+                raise ClientError(422, "invalid", "causal needs the bundle's mean vector (mean_vector.safetensors)")
+            texts = [(row[0].explanation if row[0].explanation is not None else row[0].raw) or " " for row in samples]
+            recon = await self.reconstructor.submit(texts)
+            found = await self.thread.run(causal_at_positions, self.nla, ids, positions, recon, mean)
+            checks = [CausalCheck(**{k: _finite(v) if v is not None else None for k, v in c.items()}) for c in found]
         results = []
-        for p, ctx, row in zip(positions, contexts, samples):
+        for p, ctx, row, check in zip(positions, contexts, samples, checks):
             first = row[0]
             results.append(PositionResult(
                 position=p, token=tokens[p].text, context=ctx, explanation=first.explanation, raw=first.raw,
-                mse_nrm=first.mse_nrm, cosine=first.cosine, fve_nrm=first.fve_nrm, samples=row,
+                mse_nrm=first.mse_nrm, cosine=first.cosine, fve_nrm=first.fve_nrm, samples=row, causal=check,
             ))
         return ExplainResponse(tokens=tokens, results=results,
                                fve_baseline=_finite(baseline) if baseline is not None else None)

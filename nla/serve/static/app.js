@@ -137,7 +137,9 @@ async function explainPosition(position) {
   $("status").textContent = `explaining position ${position}…`;
   $("detail").dataset.state = "loading";
   try {
-    const data = await api("/v1/explain", { ...textBody(), positions: [position], ...genOptions("n") });
+    const data = await api("/v1/explain", {
+      ...textBody(), positions: [position], ...genOptions("n"), causal: $("causal").checked,
+    });
     if (mine !== tokenRequest) return;
     renderDetail(data.results[0]);
     setResult(data.results[0]);
@@ -157,6 +159,13 @@ function renderDetail(r) {
   expl.classList.toggle("unparseable", r.explanation === null);
   $("fve").textContent = r.fve_nrm !== null && r.fve_nrm !== undefined ? `FVE ${fmt(r.fve_nrm)}` : "FVE n/a";
   $("mse").textContent = `mse_nrm ${fmt(r.mse_nrm)} · cosine ${fmt(r.cosine)}`;
+  // The causal check: the reconstruction patched back at layer K, against the mean μ.
+  const c = r.causal;
+  $("causal-label").hidden = $("causal-result").hidden = !c;
+  if (c) {
+    const frac = typeof c.fraction_recovered === "number" ? `${(100 * c.fraction_recovered).toFixed(1)} % of the KL recovered` : "μ changes nothing here";
+    $("causal-result").textContent = `KL ${fmt(c.kl_reconstruction, 4)} vs μ ${fmt(c.kl_mean_ablation, 4)} nats · ${frac}`;
+  }
   // Highlight the token itself at the end of its context, as the teacher saw it.
   const ctx = $("context");
   ctx.replaceChildren();
