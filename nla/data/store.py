@@ -115,6 +115,35 @@ def nice_ceil(x: float) -> float:
     return float(f"{k * step:.2g}")
 
 
+# Published warm-start data (the paper's datagen, nanoNLA, EasyNLA) carries the teacher's text
+# as ``api_explanation`` (raw) and/or ``response`` (wrapped in <explanation> tags for AV SFT).
+PUBLISHED_EXPLANATIONS = ("api_explanation", "response")
+# A labelled published file has no split of ours: its documents are split like `nla extract`'s
+# default (nla/data/extract.py ExtractConfig.split), keyed by document so no doc straddles two.
+PUBLISHED_SPLIT = {"av_sft": 0.4, "ar_sft": 0.3, "rl": 0.2, "eval": 0.1}
+
+
+def published_explanations(table: pa.Table) -> pa.Array | None:
+    """The explanation column of a published file, or None when it has none.
+
+    ``api_explanation`` is the text itself; ``response`` is unwrapped as their
+    ``extract_explanation`` does (nla/schema.py): the tags' content, stripped, None on a miss.
+    """
+    import re
+
+    if "api_explanation" in table.column_names:
+        values = table.column("api_explanation").to_pylist()
+        return pa.array([v.strip() if isinstance(v, str) and v.strip() else None for v in values], pa.string())
+    if "response" in table.column_names:
+        pattern = re.compile(r"<explanation>(.*?)</explanation>", re.DOTALL)
+        out = []
+        for v in table.column("response").to_pylist():
+            m = pattern.search(v) if isinstance(v, str) else None
+            out.append(m.group(1).strip() or None if m else None)
+        return pa.array(out, pa.string())
+    return None
+
+
 def sidecar_for_file(path: Path) -> Path:
     """``data.parquet`` → ``data.parquet.nla_meta.yaml`` (or ``data.nla_meta.yaml`` if present)."""
     long = path.with_name(path.name + ".nla_meta.yaml")
@@ -130,6 +159,9 @@ class ActivationDataset:
         self.meta = meta
         self.shards = shards
         self.meta_path = meta_path
+        # Set for a published single file that carries explanations: its rows get our
+        # `explanation` column and a split by document (see _fill_missing).
+        self.labelled_publication = False
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -172,7 +204,10 @@ class ActivationDataset:
         data.setdefault("complete", True)
         data.setdefault("rows", pq.read_metadata(path).num_rows)
         meta = DatasetMeta.from_dict(data, meta_path)
-        return cls(path, meta, [path], meta_path)
+        ds = cls(path, meta, [path], meta_path)
+        ds.labelled_publication = "split" not in schema.names and any(
+            c in schema.names for c in PUBLISHED_EXPLANATIONS)
+        return ds
 
     @property
     def is_single_file(self) -> bool:
@@ -193,7 +228,11 @@ class ActivationDataset:
         if columns is not None:
             # Published files may lack some of our columns; read what is there, fill the rest.
             present = set(pq.read_schema(shard).names)
-            table = pq.read_table(shard, columns=[c for c in columns if c in present])
+            wanted = list(columns)
+            if self.labelled_publication:
+                # The sources of the mapped columns: explanations, and the doc ids the split keys on.
+                wanted += [c for c in (*PUBLISHED_EXPLANATIONS, "doc_id") if c not in wanted]
+            table = pq.read_table(shard, columns=[c for c in wanted if c in present])
             return self._fill_missing(table, columns).select(columns)
         table = pq.read_table(shard)
         return self._fill_missing(table, columns)
@@ -206,9 +245,15 @@ class ActivationDataset:
             # Published files may carry integer ids; splits and joins key on strings.
             i = table.column_names.index("doc_id")
             table = table.set_column(i, "doc_id", table.column("doc_id").cast(pa.string()))
+        if self.labelled_publication and "explanation" not in table.column_names:
+            mapped = published_explanations(table)
+            if mapped is not None:
+                table = table.append_column("explanation", mapped)
         for name in wanted:
             if name in table.column_names:
                 continue
+            if name == "split" and self.labelled_publication:
+                continue  # after doc_id is filled in, below
             if name == "split":
                 table = table.append_column(name, pa.array(["eval"] * n, pa.string()))
             elif name == "position":
@@ -217,6 +262,15 @@ class ActivationDataset:
                 table = table.append_column(name, pa.array([f"row{i}" for i in range(n)], pa.string()))
             else:
                 table = table.append_column(name, pa.nulls(n, pa.string()))
+        if self.labelled_publication and "split" in wanted and "split" not in table.column_names:
+            from nla.data.extract import assign_split
+
+            if "doc_id" not in table.column_names:
+                table = table.append_column("doc_id", pa.array([f"row{i}" for i in range(n)], pa.string()))
+            fractions = self.meta.split_fractions if set(self.meta.split_fractions) == set(SPLITS) \
+                else PUBLISHED_SPLIT
+            splits = [assign_split(0, str(d), fractions) for d in table.column("doc_id").to_pylist()]
+            table = table.append_column("split", pa.array(splits, pa.string()))
         return table
 
     def iter_shards(self, columns: list[str] | None = None) -> Iterator[tuple[Path, pa.Table]]:
