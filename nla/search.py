@@ -94,6 +94,8 @@ def search(nla: Any, index: SearchIndex, text: str, k: int = DEFAULT_K, explain:
         raise NLAError(f"k must be between 1 and {MAX_K}, got {k}")
     if not text.strip():
         raise NLAError("the query text is empty")
+    if explain and max_new_tokens < 1:
+        raise NLAError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     index.check(nla)
     query = nla.reconstruct([text]).float()[0]
     hits = index.nearest(query, k)

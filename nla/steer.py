@@ -79,6 +79,8 @@ def steer(nla: Any, concept: str, prompt: str, scales: list[float], *, max_new_t
 
     if not prompt:
         raise NLAError("--prompt is empty")
+    if max_new_tokens < 1 or av_new_tokens < 1:
+        raise NLAError(f"--max-new-tokens and --av-new-tokens must be at least 1, got {max_new_tokens} and {av_new_tokens}")
     unit = concept_direction(nla, concept)
     if chat:
         if not getattr(nla.tokenizer, "chat_template", None):

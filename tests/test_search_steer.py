@@ -115,6 +115,19 @@ def test_steer_cli_and_bad_scales(setup: tuple[Path, Path], capsys: pytest.Captu
         parse_scales("1,abc")
     assert main(["steer", "--nla", str(bundle), "loops", "--prompt", "x", "--scale", "nan"]) == 2
     assert "scales must be finite" in capsys.readouterr().err
+    assert main(["steer", "--nla", str(bundle), "loops", "--prompt", "x", "--max-new-tokens", "0", "--device", "cpu"]) == 2
+    assert "at least 1" in capsys.readouterr().err
+
+
+def test_steer_chat_prompt_uses_the_template(setup: tuple[Path, Path]) -> None:
+    _, bundle = setup
+    nla = NLA.from_pretrained(bundle, device="cpu")
+    plain = steer(nla, "loops", "What is a list?", [0.0], max_new_tokens=4, verbalize=False)
+    chat = steer(nla, "loops", "What is a list?", [0.0], max_new_tokens=4, verbalize=False, chat=True)
+    assert chat["chat"] and not plain["chat"]
+    # The state read at the last prompt token differs: the chat prompt ends in the assistant header.
+    assert chat["rows"][0]["state_concept"] != pytest.approx(plain["rows"][0]["state_concept"], abs=1e-6)
+    assert chat["rows"][0]["av_explanation"] is None
 
 
 def test_search_endpoint(setup: tuple[Path, Path]) -> None:
