@@ -97,6 +97,7 @@ def test_run_scores_like_eval_and_writes_leaderboard(setup: tuple[Path, Path, Pa
                  ("baselines", "bow_ridge"), ("probes", "claim_ablation"), ("causal", "fraction_recovered")):
         assert m_bench[path[0]][path[1]] == m_eval[path[0]][path[1]], path
     assert m_bench["bench"]["content_sha256"] == summary["bench"]["content_sha256"]
+    assert m_bench["dataset"]["mean_vector_source"] == "bench"
     md = (out / "leaderboard.md").read_text()
     assert md.count("\n| ") == 3 and summary["bench"]["content_sha256"] in md
     assert f"{fve['good']:.3f}" in md

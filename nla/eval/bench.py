@@ -234,6 +234,7 @@ def run_bench(bench_path: str | Path, nlas: list[str], out: str | Path, *, devic
         fingerprint = bundle_fingerprint(path) if Path(path).is_dir() else str(path)
         result = evaluate(nla, bench.dataset, cfg, cache_dir=Path(cfg.out) / "cache", fingerprint=fingerprint)
         result.metrics["bundle"]["path"] = str(path)
+        result.metrics["dataset"]["mean_vector_source"] = "bench"
         result.metrics["bench"] = {k: bench.manifest.get(k) for k in ("name", "content_sha256", "positions_sha256")}
         write_report(result, cfg.out)
         block = model_index(name, result.metrics, dataset_name=str(bench.manifest["name"]),
