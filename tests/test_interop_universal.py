@@ -185,3 +185,12 @@ def test_bad_universal_files_name_the_field(tmp_path: Path, change, message: str
     (root / "ar" / "nla_meta.yaml").write_text(yaml.safe_dump(ar_data, allow_unicode=True))
     with pytest.raises(NLAError, match=message):
         import_layout(root)
+
+
+def test_release_without_ar_sidecar_needs_only_the_layer(tmp_path: Path) -> None:
+    """No ar/nla_meta.yaml: their trainer's CRITIC_TEMPLATE is used; K must come from --layer."""
+    root = write_universal(tmp_path / "uni")
+    (root / "ar" / "nla_meta.yaml").unlink()
+    with pytest.raises(NLAError, match="--layer"):
+        import_layout(root)
+    reference_check(import_layout(root, layer=K), root, "gpt2-tiny")

@@ -53,6 +53,8 @@ AR_KIND = "nla_ar_universal"
 ADAPTERS = "adapters"
 POOL_WEIGHTS = "adapters.safetensors"
 POOL_META = "meta.json"
+# train_ar_multi.py's CRITIC_TEMPLATE, used when a release ships no ar/nla_meta.yaml.
+CRITIC_TEMPLATE = "Summary of the following text: <text>{z}</text> <summary>"
 
 
 def identity_map(d: int) -> nn.Linear:
@@ -305,7 +307,9 @@ def load(path: str | Path, *, base_model: str | None = None, layer: int | None =
         raise NLAError(f"{where}: missing field 'prompt_templates.actor'")
     av_template = map_placeholders(raw_av, {"injection_char": "marker", "model_tag": "tag"}, "marker", where,
                                    "prompt_templates.actor")
-    raw_ar = ar_data.get("critic_template")
+    # With no AR sidecar at all, the template is their trainer's constant (CRITIC_TEMPLATE);
+    # a sidecar that is there but lacks the field is an error.
+    raw_ar = ar_data.get("critic_template") if ar_data else CRITIC_TEMPLATE
     if raw_ar is None:
         raise NLAError(f"{ar_where}: missing field 'critic_template'")
     ar_template = map_placeholders(str(raw_ar), {"z": "explanation", "explanation": "explanation"}, "explanation",
