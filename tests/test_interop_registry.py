@@ -121,3 +121,22 @@ def test_loader_table_is_flat_and_complete() -> None:
 
     assert set(LOADERS) == {"bundle", "paper", "nanonla", "anicka", "solshine", "universal", "single"}
     assert all(callable(f) for f in LOADERS.values())
+
+
+@pytest.mark.parametrize(
+    ("name", "role", "partner"),
+    [
+        ("kitft/nla-qwen2.5-7b-L20-av", "av", "kitft/nla-qwen2.5-7b-L20-ar"),
+        ("kitft/Llama-3.3-70B-NLA-L53-ar", "ar", "kitft/Llama-3.3-70B-NLA-L53-av"),
+        ("anicka/nla-qwen2.5-7b-L20-av-v2", "av", "anicka/nla-qwen2.5-7b-L20-ar-v2"),
+        ("Solshine/gemma-4-e2b-nla-L23-ar-v0_0_1", "ar", "Solshine/gemma-4-e2b-nla-L23-av-v0_0_1"),
+        ("runs/my-avocado_av", "av", "runs/my-avocado_ar"),
+        ("pair/av", "av", "pair/ar"),
+        ("anicka/nla-qwen3-4b-v2", "av", None),
+    ],
+)
+def test_publishers_pair_names(name: str, role: str, partner: str | None) -> None:
+    from nla.interop.common import partner_candidates
+
+    got = [p.as_posix() for p in partner_candidates(Path(name), role)]
+    assert got == ([partner] if partner else [])
