@@ -154,3 +154,19 @@ def test_per_position_check_and_api(loaded: tuple[NLA, ActivationDataset]) -> No
         assert c["fraction_recovered"] == pytest.approx(want["fraction_recovered"], rel=1e-4)
         plain = httpx.post(url + "/v1/explain", json={"text": text, "positions": [-1]}, timeout=60).json()
         assert plain["results"][0]["causal"] is None
+
+
+def test_lora_base_and_full_logits_agree(setup: tuple[Path, Path], loaded: tuple[NLA, ActivationDataset]) -> None:
+    """The base read through a LoRA AV with its adapter disabled (and logits_to_keep passed
+    through PEFT) patches exactly like the plain base model."""
+    from nla.bundle import LoraSettings
+
+    data, _ = setup
+    plain, ds = loaded
+    lora = NLA.initialize(dataset=data, device="cpu", lora=LoraSettings(r=2, alpha=4))
+    rows, vecs = ds.rows()[:3], ds.vectors()[:3]
+    noise = torch.randn(vecs.shape, generator=torch.Generator().manual_seed(2))
+    a, _ = causal_faithfulness(plain, [r["context"] for r in rows], vecs, noise, ds.mean_vector())
+    b, _ = causal_faithfulness(lora, [r["context"] for r in rows], vecs, noise, ds.mean_vector())
+    assert a["kl"]["reconstruction"] == pytest.approx(b["kl"]["reconstruction"], rel=1e-4)
+    assert b["kl"]["true_vector"] < 1e-5
