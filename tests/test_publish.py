@@ -259,3 +259,28 @@ def test_load_without_nla_snippet_matches_nla(work: Path, tmp_path: Path, kind: 
         got = scope["verbalize"](v)
     # Greedy decoding: the card's 96 tokens begin with nla's 12 (or both stop at the same end token).
     assert len(want.token_ids) >= 3 and got.startswith(want.raw)
+
+
+def test_universal_bundle_publishes_whole(work: Path, tmp_path: Path) -> None:
+    """A universal bundle's adapters/ travel with it and the folder loads back as the same
+    universal NLA (UniversalNLA.from_pretrained → save_pretrained gives identical files)."""
+    from torch import nn
+
+    from nla.interop.universal import UniversalNLA
+
+    nla = NLA.from_pretrained(work / "sft", device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    enc, dec = nn.Linear(32, nla.meta.d_model, bias=False), nn.Linear(nla.meta.d_model, 32, bias=False)
+    enc.weight.data = torch.randn(enc.weight.shape, generator=gen)
+    dec.weight.data = torch.randn(dec.weight.shape, generator=gen)
+    models = {"tiny-llama": {"model": "tiny:llama", "layer": 2, "d_model": nla.meta.d_model, "trained": True},
+              "tiny-gpt2": {"model": "tiny:gpt2", "layer": 2, "d_model": 32, "trained": False}}
+    uni = UniversalNLA(nla, "tiny-llama", {"tiny-gpt2": (enc, dec)}, models)
+    uni.save_pretrained(tmp_path / "uni")
+    out = tmp_path / "pub"
+    assert main(["publish", str(tmp_path / "uni"), "--out", str(out)]) == 0
+    assert (out / "adapters" / "tiny-gpt2" / "enc.safetensors").exists()
+    card = ModelCard.load(out / "README.md", ignore_metadata_errors=False)
+    assert "universal" in card.data.tags and "`tiny-gpt2` = tiny:gpt2 layer 2, held out" in card.text
+    UniversalNLA.from_pretrained(out, device="cpu").save_pretrained(tmp_path / "back")
+    assert_same_bundle(tmp_path / "uni", tmp_path / "back")
