@@ -1,70 +1,60 @@
-"""Worker of the multi-process RL test (tests/test_rl.py): one small RL run, then AR steps.
+"""Helpers of the multi-process RL test (tests/test_rl.py); not a test module itself.
 
-Run in this process for the one-process reference, or under ``accelerate launch`` for two
-ranks; both write the same files, so the test compares them. Not a test module itself.
-
-    python tests/_rl_ddp.py BUNDLE DATA OUT [--fail-at N] [--resume]
+* ``letter_e``: a dense, learnable reward for an untrained AV (the share of answer tokens
+  containing 'e'), given to ``nla train rl --reward _rl_ddp:letter_e``; with
+  ``NLA_TEST_FAIL_AT=N`` it raises KeyboardInterrupt at step N on every rank (a kill mid-run).
+* ``python tests/_rl_ddp.py BUNDLE DATA OUT``: the AR keep-up step on explanations that parse
+  (an untrained AV writes none, so a CLI run never trains the AR), run in one process or under
+  ``accelerate launch``; writes the AR weights and losses for the test to compare.
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
-def letter_e_reward(tokenizer: Any, fail_at_step: int | None = None) -> Any:
-    """A dense, learnable reward for an untrained AV: the share of answer tokens containing 'e'."""
-    e_ids = {i for i in range(len(tokenizer)) if "e" in tokenizer.decode([i])}
+@functools.lru_cache(maxsize=1)
+def _e_ids() -> frozenset[int]:
+    from nla.models.loading import load_tokenizer
 
-    def reward(vectors: torch.Tensor, explanations: list[str | None], reconstructions: torch.Tensor,
-               token_ids: list[list[int]], step: int, **ctx: Any) -> list[float]:
-        if fail_at_step is not None and step == fail_at_step:
-            raise KeyboardInterrupt  # a kill in the middle of a run (every rank computes rewards)
-        return [sum(t in e_ids for t in ids) / max(len(ids), 1) for ids in token_ids]
-
-    return reward
+    tok = load_tokenizer("tiny:llama")  # the tokenizer of the test's warm-start bundle
+    return frozenset(i for i in range(len(tok)) if "e" in tok.decode([i]))
 
 
-def run(bundle: str, data: str, out: str, fail_at: int | None = None, resume: bool = False) -> None:
-    from nla.bundle import NLA
+def letter_e(vectors: torch.Tensor, explanations: list[str | None], reconstructions: torch.Tensor,
+             token_ids: list[list[int]], step: int, **ctx: Any) -> list[float]:
+    fail_at = os.environ.get("NLA_TEST_FAIL_AT")
+    if fail_at is not None and step == int(fail_at):
+        raise KeyboardInterrupt  # every rank computes the rewards of the gathered batch
+    e_ids = _e_ids()
+    return [sum(t in e_ids for t in ids) / max(len(ids), 1) for ids in token_ids]
+
+
+def ar_check(bundle: str, data: str, out: str) -> None:
     from nla.train.generation import Rollout
     from nla.train.rl import RLConfig, RLTrainer
 
     torch.set_num_threads(1)
-    tok = NLA.from_pretrained(bundle).tokenizer
-    # 5 vectors over 2 ranks: uneven shares (3 + 2); update_batch_size 4 cuts a rank's share.
-    cfg = RLConfig(nla=bundle, data=data, out=out, steps=4, batch_size=5, group_size=2, max_new_tokens=6,
-                   lr=2e-2, lora_r=4, kl_coef=0.05, update_batch_size=4, invalid_reward=None, train_ar=True,
-                   ar_lr=1e-2, eval_rows=0, save_every=2, seed=3, progress=False, device="cpu", resume=resume)
-    trainer = RLTrainer(cfg, rewards=[(letter_e_reward(tok, fail_at), 1.0)])
-    trainer.train()
-    # The AR keep-up step on explanations that parse (an untrained AV writes none): 6 valid
-    # rollouts and one invalid, picks of 4 split over the ranks, three steps.
+    cfg = RLConfig(nla=bundle, data=data, out=out, steps=1, lora_r=4, train_ar=True, ar_lr=1e-2, ar_batch_size=4,
+                   ar_steps=3, eval_rows=0, seed=3, progress=False, device="cpu", reward=["neg_mse"])
+    trainer = RLTrainer(cfg)
+    # 6 valid rollouts and one invalid; picks of 4 split over the ranks (2 + 2), three steps.
     words = ["alpha beta", "gamma delta", "epsilon zeta", "eta theta", "iota kappa", "lambda mu"]
     rolls = [Rollout(i, [1], w, w, True) for i, w in enumerate(words)] + [Rollout(6, [1], "junk", None, False)]
-    vecs = trainer.vectors[:7]
-    trainer.cfg.ar_batch_size, trainer.cfg.ar_steps = 4, 3
-    losses = [trainer._ar_update(rolls, vecs, step) for step in range(2)]
+    losses = [trainer._ar_update(rolls, trainer.vectors[:7], step) for step in range(2)]
     if trainer.dist.main:
-        av = {k: v.detach().clone() for k, v in trainer.nla.av_model.named_parameters() if v.requires_grad}
+        Path(out).mkdir(parents=True, exist_ok=True)
         ar = {k: v.detach().clone() for k, v in trainer.nla.ar.named_parameters() if v.requires_grad}
-        torch.save({"av": av, "ar": ar}, Path(out) / "params.pt")
+        torch.save(ar, Path(out) / "ar_params.pt")
         (Path(out) / "ar_losses.json").write_text(json.dumps(losses))
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("bundle")
-    ap.add_argument("data")
-    ap.add_argument("out")
-    ap.add_argument("--fail-at", type=int, default=None)
-    ap.add_argument("--resume", action="store_true")
-    a = ap.parse_args()
-    try:
-        run(a.bundle, a.data, a.out, a.fail_at, a.resume)
-    except KeyboardInterrupt:
-        raise SystemExit(3) from None
+    ar_check(*sys.argv[1:4])
