@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,13 +15,41 @@ from nla.config import DTYPE_CHOICES, check_device, claim_bundle_folder
 from nla.errors import NLAError
 
 
+def _check_text(text: str, what: str) -> None:
+    """Text a tokenizer can read: bytes that were not UTF-8 on the command line arrive as lone
+    surrogates (Python's surrogateescape) and would fail deep inside the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise NLAError(f"{what}: not valid UTF-8 text (bad byte at character {exc.start})") from None
+
+
+def save_or_clean(obj: Any, out: Path) -> None:
+    """``obj.save_pretrained(out)``; a failed write (full disk) takes its temp folder with it, so
+    nothing half-written is left next to ``out``."""
+    import shutil
+
+    try:
+        obj.save_pretrained(out)
+    except BaseException as exc:
+        shutil.rmtree(out.with_name(out.name + ".tmp"), ignore_errors=True)
+        raise disk_error(exc, out) from None
+
+
+def disk_error(exc: BaseException, out: Path) -> BaseException:
+    """A full disk as an :class:`NLAError` naming ``out`` (safetensors and transformers report it
+    without the path, some as a RuntimeError); any other exception unchanged."""
+    full = os.strerror(errno.ENOSPC)
+    if getattr(exc, "errno", None) == errno.ENOSPC or full in str(exc) or "os error 28" in str(exc):
+        return NLAError(f"{out}: {full} while writing (free some space, or write elsewhere)")
+    return exc
+
+
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def cmd_init(args: Any) -> None:
-    from pathlib import Path
-
     from nla.bundle import NLA, LoraSettings
 
     out = Path(args.out)
@@ -32,7 +63,7 @@ def cmd_init(args: Any) -> None:
         args.model, dataset=args.data, layer=args.layer, injection_mode=args.injection,
         injection_scale=args.injection_scale, lora=LoraSettings(r=args.lora_r) if args.lora_r else None,
     )
-    nla.save_pretrained(args.out)
+    save_or_clean(nla, out)
     print(f"{args.out}: untrained bundle for {nla.meta.base_model}, layer {nla.meta.layer_index}, "
           f"marker {nla.meta.tokens.marker!r} (id {nla.meta.tokens.marker_id})")
 
@@ -48,6 +79,8 @@ def cmd_verbalize(args: Any) -> None:
     if args.max_new_tokens < 1:
         raise NLAError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     check_device(args.device, "--device")
+    if args.text is not None:
+        _check_text(args.text, "--text")
     vectors = load_vectors(args.vectors) if args.vectors else None
     nla = NLA.from_pretrained(args.nla, device=args.device, dtype=args.dtype)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.n > 1 or args.sample, seed=args.seed)
@@ -75,12 +108,11 @@ def cmd_verbalize(args: Any) -> None:
 
 
 def cmd_reconstruct(args: Any) -> None:
-    import os
-    from pathlib import Path
-
     from nla.bundle import NLA
 
     check_device(args.device, "--device")
+    for i, text in enumerate(args.texts):
+        _check_text(text, f"text {i + 1}")
     if args.out and Path(args.out).is_dir():
         raise NLAError(f"--out {args.out}: is a folder; give a .safetensors file path")
     nla = NLA.from_pretrained(args.nla, device=args.device, dtype=args.dtype)

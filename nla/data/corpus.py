@@ -228,8 +228,12 @@ def load_corpus(
             docs = _jsonl_documents(path, text_column, id_column)
         elif path.suffix.lower() == ".parquet":
             docs = _parquet_documents(path, text_column, id_column)
-        else:
+        elif path.suffix.lower() in TEXT_SUFFIXES or not path.suffix:
             docs = _text_file_documents(path)
+        else:
+            # A .csv or .json read as plain text would train on its markup, silently.
+            raise NLAError(f"{path}: unsupported corpus file type {path.suffix!r} (text: "
+                           f"{', '.join(sorted(TEXT_SUFFIXES))}; .jsonl; .parquet; or a folder)")
     seen: set[str] = set()
     for d in docs:
         if d.doc_id in seen:

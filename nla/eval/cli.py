@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
 from typing import Any
 
 from nla.config import add_config_args, resolve_config
+from nla.errors import NLAError
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -15,7 +18,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if getattr(args, "eval_command", None) == "compare":
         return cmd_compare(args)
     cfg = resolve_config(EvalConfig, args, section="eval")
-    result = run_eval(cfg)
+    out = Path(cfg.out) if cfg.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise NLAError(f"{out}: is a file; --out must name a folder")
+    fresh = out is not None and not out.exists()
+    try:
+        result = run_eval(cfg)
+    except BaseException:
+        # A report folder this run created holds nothing usable after a failure (bad input, a
+        # damaged shard): remove it, so nothing half-made is left behind.
+        if fresh and out is not None and out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     m = result.metrics
     rt = m["round_trip"]
     print(f"{cfg.out}: {m['dataset']['rows_evaluated']} rows, round-trip fve_nrm={fmt(rt.get('fve_nrm'))} "

@@ -18,10 +18,12 @@ def cmd_import(args: Any) -> None:
     check_device(args.device, "--device")
     try:
         _import(args, import_layout)
-    except BaseException:
+    except BaseException as exc:
+        from nla.bundle_cli import disk_error
+
         # A failed write (full disk) must not leave the bundle's temp folder behind.
         shutil.rmtree(Path(args.out).with_name(Path(args.out).name + ".tmp"), ignore_errors=True)
-        raise
+        raise disk_error(exc, Path(args.out)) from None
 
 
 def _import(args: Any, import_layout: Any) -> None:

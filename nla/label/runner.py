@@ -397,6 +397,8 @@ def label(cfg: LabelConfig) -> LabelSummary:
         batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, base_model=ds.meta.base_model,
     )
     teacher = make_teacher(cfg.teacher, settings)
+    for shard in ds.shards:
+        pq.read_schema(shard)  # a damaged shard fails here, before the cache file is created
     cache = LabelCache(cfg.cache or side_path(ds, "label_cache.sqlite"))
     runner = LabelRunner(cfg, ds, teacher, cache)
     runner.plan()
