@@ -272,3 +272,37 @@ def test_non_dataset_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(NLAError, match="not an activation dataset"):
         extract(_small_cfg(tmp_path))
+
+
+def test_two_processes_write_the_dataset_one_process_writes(tmp_path: Path) -> None:
+    """`accelerate launch -m nla.cli extract` on 2 CPU processes (gloo): each rank extracts whole
+    shards (round-robin), the main process writes the metadata and the statistics; the result
+    has the same rows, vectors, shard files and statistics as one process, with no duplicate.
+    Launched like the SFT DDP test (`--multi_gpu` starts two processes, `--device cpu`)."""
+    import shutil
+
+    from test_sft import free_port
+
+    args = [*RESUME_ARGS[:RESUME_ARGS.index("--docs") + 1], "14", *RESUME_ARGS[RESUME_ARGS.index("--docs") + 2:]]
+    one = tmp_path / "one"
+    subprocess.run(_cli(*args, "--out", str(one)), cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                   check=True, capture_output=True, timeout=300)
+    two = tmp_path / "two"
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    res = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                          "-m", "nla.cli", "extract", *args, "--out", str(two)],
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("rows, d_model=") == 1  # the summary line comes from the main process only
+    keys_a, vecs_a = _snapshot(one)
+    keys_b, vecs_b = _snapshot(two)
+    assert len(keys_b) == len(set(keys_b)) and keys_a == keys_b
+    np.testing.assert_array_equal(vecs_a, vecs_b)
+    assert [p.name for p in sorted(two.glob("part-*.parquet"))] == [p.name for p in sorted(one.glob("part-*.parquet"))]
+    assert len(list(two.glob("part-*.parquet"))) == 3  # 14 docs / 5 per shard: an odd count over 2 ranks
+    meta_a, meta_b = ActivationDataset.open(one).meta, ActivationDataset.open(two).meta
+    assert meta_b.complete and meta_a.rows == meta_b.rows
+    assert meta_a.norm_stats == pytest.approx(meta_b.norm_stats)
+    torch.testing.assert_close(ActivationDataset.open(one).mean_vector(), ActivationDataset.open(two).mean_vector())

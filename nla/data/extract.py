@@ -213,41 +213,60 @@ def extract(cfg: ExtractConfig) -> ActivationDataset:
     if cfg.positions_per_doc < 1 or cfg.batch_size < 1 or cfg.docs_per_shard < 1:
         raise NLAError("extract: --positions-per-doc, --batch-size and --docs-per-shard must be ≥ 1")
     out = Path(cfg.out)
-    # Output mistakes are reported before the (slow) corpus and model loads.
-    if out.exists() and not out.is_dir():
-        raise NLAError(f"{out}: is a file; --out must name a folder")
-    if out.is_dir() and not (out / META_NAME).exists() and any(out.iterdir()):
-        raise NLAError(f"{out}: folder exists and is not an activation dataset; choose another --out")
+    # Under `accelerate launch` every rank extracts whole shards (docs/scaling.md); one process
+    # otherwise. The main process alone checks and writes the folder's metadata.
+    from nla.train.loop import Distributed
+
+    dist = Distributed(cfg.device)
+
+    def check_out() -> None:
+        # Output mistakes are reported before the (slow) corpus and model loads.
+        if out.exists() and not out.is_dir():
+            raise NLAError(f"{out}: is a file; --out must name a folder")
+        if out.is_dir() and not (out / META_NAME).exists() and any(out.iterdir()):
+            raise NLAError(f"{out}: folder exists and is not an activation dataset; choose another --out")
+
+    dist.on_main(check_out)
     docs = load_corpus(cfg.corpus, text_column=cfg.text_column, id_column=cfg.id_column, max_docs=cfg.docs)
     spec = canonical_spec(cfg.model)
-    device = pick_device(cfg.device)
+    device = pick_device(dist.device)
     model, tokenizer = load_model(spec, dtype=cfg.dtype, device=device)
     n_layers = num_layers(model.config)
     layer = check_layer(default_layer(n_layers) if cfg.layer is None else cfg.layer, n_layers)
     cfg.layer = layer
     meta = _meta_for(cfg, spec, layer, hidden_size(model.config), n_layers)
 
-    if (out / META_NAME).exists():
-        existing = ActivationDataset.open(out)
-        check_compatible(existing.meta, meta, out)
-        if existing.meta.complete:
-            print(f"{out}: already complete ({existing.meta.rows} rows); nothing to do")
-            return existing
-    elif out.exists() and any(out.iterdir()):
-        raise NLAError(f"{out}: folder exists and is not an activation dataset; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    # A kill mid-write leaves a hidden temp file; it is never read, but should not pile up.
-    for stale in out.glob(".part-*.parquet.tmp*"):
-        stale.unlink(missing_ok=True)
-    write_yaml(out / META_NAME, meta.to_dict())
-    save_config(cfg, out / "extract_config.yaml")
+    def prepare_out() -> bool:
+        """True when the dataset is already complete; otherwise the folder is ready for shards."""
+        if (out / META_NAME).exists():
+            existing = ActivationDataset.open(out)
+            check_compatible(existing.meta, meta, out)
+            if existing.meta.complete:
+                print(f"{out}: already complete ({existing.meta.rows} rows); nothing to do")
+                return True
+        elif out.exists() and any(out.iterdir()):
+            raise NLAError(f"{out}: folder exists and is not an activation dataset; choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        # A kill mid-write leaves a hidden temp file; it is never read, but should not pile up.
+        for stale in out.glob(".part-*.parquet.tmp*"):
+            stale.unlink(missing_ok=True)
+        write_yaml(out / META_NAME, meta.to_dict())
+        save_config(cfg, out / "extract_config.yaml")
+        return False
+
+    if dist.on_main(prepare_out):
+        return ActivationDataset.open(out)
 
     shards = [docs[i : i + cfg.docs_per_shard] for i in range(0, len(docs), cfg.docs_per_shard)]
     todo = [i for i in range(len(shards)) if not (out / shard_name(i)).exists()]
     done_docs = sum(len(shards[i]) for i in range(len(shards)) if i not in todo)
+    # A shard's rows depend only on its documents (sampling is keyed by doc id), so whichever
+    # rank writes it, the dataset is the one a single process makes: round-robin over shards.
+    todo = todo[dist.rank :: dist.world]
     runner = BlockOutput(model, layer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bar = tqdm(total=len(docs), initial=done_docs, unit="doc", desc="extract", dynamic_ncols=True)
+    bar = tqdm(total=len(docs), initial=done_docs, unit="doc", desc="extract", dynamic_ncols=True,
+               disable=not dist.main)
     tokens_seen, started = 0, time.perf_counter()
     with runner:
         for index in todo:
@@ -257,11 +276,16 @@ def extract(cfg: ExtractConfig) -> ActivationDataset:
             elapsed = max(time.perf_counter() - started, 1e-9)
             bar.set_postfix(tok_s=f"{tokens_seen / elapsed:,.0f}")
     bar.close()
-    dataset = ActivationDataset.open(out)
-    dataset.meta = meta
-    dataset.finalize_stats()
-    print(f"{out}: {dataset.meta.rows} rows, d_model={meta.d_model}, layer {layer} of {n_layers}")
-    return dataset
+    dist.barrier()  # every shard is on disk before the statistics are taken over all of them
+
+    def finalize() -> None:
+        dataset = ActivationDataset.open(out)
+        dataset.meta = meta
+        dataset.finalize_stats()
+        print(f"{out}: {dataset.meta.rows} rows, d_model={meta.d_model}, layer {layer} of {n_layers}")
+
+    dist.on_main(finalize)
+    return ActivationDataset.open(out)
 
 
 def _extract_shard(

@@ -500,7 +500,8 @@ class Distributed:
                 dist.broadcast(p.data, src=0)
 
     def on_main(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the main process; its NLAError is raised on every rank."""
+        """Run ``fn`` on the main process; its result (picklable) is returned on every rank and
+        its NLAError raised on every rank. The other ranks wait for it: a barrier too."""
         if self.world == 1:
             return fn()
         import torch.distributed as dist
@@ -511,11 +512,11 @@ class Distributed:
                 result = fn()
             except NLAError as exc:
                 error = str(exc)
-        box = [error]
+        box = [error, result]
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None:
             raise NLAError(box[0])
-        return result
+        return box[1]
 
     def barrier(self) -> None:
         if self.world > 1:

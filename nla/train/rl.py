@@ -405,9 +405,11 @@ class RLTrainer:
         self.out = Path(cfg.out)
         # The shared output guard (nla.config.claim_output), before anything is loaded or written;
         # on the main process only, its refusal raised on every rank.
-        self.dist.on_main(lambda: claim_output(
-            self.out, command="train rl", force=cfg.force, resume=cfg.resume, owned=RL_OWNED,
-            config_file="train_config.yaml", settings=config_to_dict(cfg), free=RL_RESUME_FREE))
+        def claim() -> None:
+            claim_output(self.out, command="train rl", force=cfg.force, resume=cfg.resume, owned=RL_OWNED,
+                         config_file="train_config.yaml", settings=config_to_dict(cfg), free=RL_RESUME_FREE)
+
+        self.dist.on_main(claim)
         self.rewards = rewards if rewards is not None else self._rewards_from_config()
         self.ds = ActivationDataset.open(cfg.data)
         with load_in_4bit(cfg.load_in_4bit, cfg.device):
