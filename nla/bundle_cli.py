@@ -117,6 +117,10 @@ def cmd_reconstruct(args: Any) -> None:
         raise NLAError(f"--out {args.out}: is a folder; give a .safetensors file path")
     nla = NLA.from_pretrained(args.nla, device=args.device, dtype=args.dtype)
     vecs = nla.reconstruct(args.texts)
+    if not torch.isfinite(vecs).all():
+        # JSON has no NaN: printing one would be invalid JSON with exit status 0.
+        raise NLAError(f"{args.nla}: the reconstructor returned non-finite values (NaN/inf); its weights or "
+                       "value head are damaged")
     if args.out:
         from safetensors.torch import save_file
 

@@ -17,11 +17,23 @@ import torch
 EPS = 1e-12
 
 
-def normalize(v: torch.Tensor) -> torch.Tensor:
-    """``sqrt(d) * v / ||v||`` along the last axis (fp32)."""
+def unit(v: torch.Tensor) -> torch.Tensor:
+    """``v / ||v||`` along the last axis (fp32), the same for any scale; 0 for a zero vector.
+
+    Only the direction matters, so each row is first divided by its largest |entry| (a
+    constant, so no gradient flows through it): a norm-1e-30 vector gets its direction, not
+    ~1e-24 from an eps that dwarfs its squared norm, and a norm-1e30 vector does not overflow
+    its squared norm to inf (which would give 0).
+    """
     v = v.float()
-    d = v.shape[-1]
-    return v * (d**0.5) / torch.sqrt((v * v).sum(-1, keepdim=True) + EPS)
+    scale = v.detach().abs().amax(-1, keepdim=True)
+    v = v / torch.where(scale > 0, scale, torch.ones_like(scale))
+    return v / torch.sqrt((v * v).sum(-1, keepdim=True) + EPS)
+
+
+def normalize(v: torch.Tensor) -> torch.Tensor:
+    """``sqrt(d) * v / ||v||`` along the last axis (fp32); see :func:`unit` for tiny and huge norms."""
+    return unit(v) * (v.shape[-1] ** 0.5)
 
 
 def mse_nrm(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

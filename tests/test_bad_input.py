@@ -249,3 +249,36 @@ def test_full_disk_is_one_line_and_leaves_no_temp_files(argv: list[str], world: 
         leftovers = sorted(p.name for p in full.iterdir())
     assert not [n for n in leftovers if n.endswith(".tmp")], leftovers
     assert snapshot(w) == before
+
+
+# ---------------------------------------------------------------- degenerate vectors
+def test_degenerate_vectors_give_the_direction_or_one_clear_error(world: Path, tmp_path: Path) -> None:
+    """Only the direction matters (docs/design.md §6): a vector of norm ~1e-30 or ~1e30 gets the
+    metrics and the explanation of its direction; an all-zero vector is refused with one line,
+    by the library, the CLI and (see test_serve.py) the server alike."""
+    import torch
+    from safetensors.torch import save_file
+
+    from nla import metrics
+    from nla.errors import NLAError
+
+    torch.manual_seed(0)
+    v = torch.randn(3, 64)
+    mean = torch.randn(64)
+    for scale in (1e-30, 1e30):
+        assert torch.allclose(metrics.cosine(v * scale, v), torch.ones(3), atol=1e-6)
+        assert torch.allclose(metrics.mse_nrm(v * scale, v), torch.zeros(3), atol=1e-6)
+        assert metrics.fve_nrm(v * scale, v, mean) == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(metrics.cosine(torch.zeros(1, 64), v[:1]), torch.zeros(1))  # finite, not NaN
+
+    nla = NLA.from_pretrained(world / "run")
+    said = [o[0].raw for o in nla.verbalize(v, max_new_tokens=6)]
+    assert [o[0].raw for o in nla.verbalize(v * 1e-30, max_new_tokens=6)] == said
+    assert [o[0].raw for o in nla.verbalize(v * 1e30, max_new_tokens=6)] == said
+    with pytest.raises(NLAError, match="all zeros"):
+        nla.verbalize(torch.zeros(1, 64))
+
+    w = Path(shutil.copytree(world, tmp_path / "w"))
+    save_file({"v": torch.zeros(2, 64)}, str(w / "zero.safetensors"))
+    assert_one_line_error(run_cli(["verbalize", "--nla", "run", "--vectors", "zero.safetensors", "--device", "cpu"],
+                                  w), "all zeros")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nla import metrics
 from nla.errors import NLAError
 from nla.models.layers import decoder_blocks
 
@@ -149,7 +150,7 @@ class Injector:
             return None
         v = self.vectors.to(output.device)
         # Norm in fp32: a bf16 norm of a large vector loses the scale the AV was trained on.
-        unit = v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1e-12)
+        unit = metrics.unit(v)  # any norm, even 1e-30, injects its direction
         out = output.clone()
         out[pos[:, 0], pos[:, 1]] = (unit * self.scale).to(output.dtype)
         return out
@@ -160,7 +161,7 @@ class Injector:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         v = self.vectors.to(hidden.device)
-        unit = v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1e-12)
+        unit = metrics.unit(v)  # any norm, even 1e-30, injects its direction
         h = hidden[pos[:, 0], pos[:, 1]].float()
         h_norm = torch.sqrt((h * h).sum(-1, keepdim=True) + 1e-12)
         hidden = hidden.clone()

@@ -62,7 +62,8 @@ from nla.train.rewards import (
 PHASE = "rl"
 SUMMARY_FILE = "rl_summary.json"
 # What an RL run writes into --out (--force removes exactly these) and the settings a resume may change.
-RL_OWNED = (*BUNDLE_ENTRIES, "train_config.yaml", loop.METRICS_FILE, loop.PLOT_FILE, loop.CHECKPOINTS, SUMMARY_FILE)
+RL_OWNED = (*BUNDLE_ENTRIES, "train_config.yaml", loop.METRICS_FILE, loop.PLOT_FILE, loop.CHECKPOINTS, SUMMARY_FILE,
+            "tensorboard")
 RL_RESUME_FREE = frozenset({"resume", "force", "progress", "device", "save_every", "keep_checkpoints",
                             "tensorboard", "wandb", "wandb_project"})
 
