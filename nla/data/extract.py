@@ -31,7 +31,7 @@ class ExtractConfig:
     out: str = opt("", help="output dataset folder", required=True)
     model: str = opt("default", help="model: hub id, local path, 'default' (SmolLM2-135M), 'gemma3-270m' or 'tiny:<arch>'")
     layer: int | None = opt(None, help="layer K = output of decoder block K (0-based) = hidden_states[K+1]; default (2*n_layers)//3")
-    corpus: str = opt("builtin", help="'builtin', a text/JSONL/Parquet file, a folder of .txt files, or hf:NAME[:CONFIG][:SPLIT]")
+    corpus: str = opt("builtin", help="'builtin', a text/JSONL/Parquet file, a folder of .txt files, or hf:NAME[:CONFIG[:SPLIT]] (streamed)")
     text_column: str = opt("text", help="text column of JSONL/Parquet/HF corpora")
     id_column: str = opt("id", help="document id column of JSONL/Parquet/HF corpora (row number if absent)")
     docs: int | None = opt(None, help="use only the first N documents")
