@@ -38,9 +38,25 @@ def test_lens_labels_every_row_deterministically(tiny_dataset: Path, tmp_path: P
         features = parse_explanation(r["explanation"])
         assert parse_analysis("<analysis>\n" + r["explanation"] + "\n</analysis>") == features
         assert len(features) == 3
-        assert all(10 <= len(f.split()) <= 20 for f in features), features
+        # the short style: no sentence around the facts, each line led by one word
+        assert [f.split()[0] for f in features] == ["ends", "predicts", "about"], features
+        assert all(len(f.split()) <= 12 for f in features), features
     meta = ActivationDataset.open(a).meta.extra["labeling"]
     assert meta["teacher"] == "lens:tiny:llama" and meta["rows_labelled"] == len(rows)
+    assert meta["lens_version"] == "lens-v2"
+
+
+def test_lens_long_style_is_kept_and_never_mixed_with_short(tiny_dataset: Path, tmp_path: Path) -> None:
+    # Both styles share one label cache per dataset: the cache key must tell them apart, or a
+    # re-label in the other style would silently return the first style's answers.
+    data = copy(tiny_dataset, tmp_path / "d")
+    assert main(["label", "--data", str(data), "--teacher", "lens-long", "--no-progress"]) == 0
+    long = explanations(data)
+    assert all(e is not None and len(parse_explanation(e)[0].split()) >= 10 for e in long)
+    assert ActivationDataset.open(data).meta.extra["labeling"]["lens_version"] == "lens-v1"
+    short = LensTeacher("tiny:llama", device="cpu")
+    assert short.cache_model != LensTeacher("tiny:llama", device="cpu", style="long").cache_model
+    assert short.spec == "lens:tiny:llama"
 
 
 def test_lens_features_are_true(tiny_dataset: Path) -> None:
@@ -59,6 +75,11 @@ def test_lens_features_are_true(tiny_dataset: Path) -> None:
     assert teacher.sentence(ctx) == 'The current sentence or line started with "Then the parser" and is 9 words long so far.'
     assert '"parser"' in teacher.distinctive(ctx)
     assert teacher.sentence("One sentence ends here. ").startswith("A new sentence or line is about to begin")
+    # the short style states the same facts without the sentences around them
+    assert teacher.short_ending(ctx) == 'ends "tree of nodes and"'
+    assert teacher.short_ending("a list:\n") == 'ends "a list:" then a line break'
+    assert teacher.short_next(tops[0]).startswith("predicts " + teacher._token(tops[0][0][0]))
+    assert teacher.short_topic(ctx).startswith('about "parser"')
 
 
 def test_hf_teacher_plumbing_counts_failures(tiny_dataset: Path, tmp_path: Path) -> None:
@@ -66,7 +87,7 @@ def test_hf_teacher_plumbing_counts_failures(tiny_dataset: Path, tmp_path: Path)
     # so a re-run generates nothing.
     data = copy(tiny_dataset, tmp_path / "data")
     cfg = LabelConfig(data=str(data), teacher="hf:tiny:llama", limit=6, max_tokens=8, max_retries=1, torch_threads=1,
-                      batch_size=4, device="cpu", progress=False)
+                      batch_size=4, device="cpu", progress=False, allow_partial=True)
     summary = label(cfg)
     assert summary.todo == 6 and summary.failed == 6 and summary.labelled == 0
     assert summary.requests == 12  # one try and one retry each

@@ -102,6 +102,32 @@ def test_labels_mask_prompt_and_padding() -> None:
     assert labels.tolist() == [[-100, -100, -100, 8, 9], [-100, -100, 7, -100, -100]]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_av_loss_on_answer_logits_equals_the_full_computation(arch: str) -> None:
+    """The AV loss asks the model for logits from the last prompt token on (``logits_to_keep``);
+    it must equal cross-entropy over the logits of every position with the prompt masked."""
+    from nla.bundle import NLA
+    from nla.train.sft import AVTask, Example
+
+    torch.manual_seed(0)
+    nla = NLA.initialize(f"tiny:{arch}", device="cpu")
+    task = AVTask(nla, SFTConfig(data="d", out="o", max_length=512))
+    texts = ["- ends \"a b\"\n- predicts \"c\"", "- a much longer answer with many more words in it than the first"]
+    batch = [Example(*nla.verbalizer.training_example(t), row=i) for i, t in enumerate(texts)]
+    vectors = torch.randn(2, nla.meta.d_model)
+    model = nla.av_model
+    with torch.no_grad():
+        loss, n = task.loss_sum(model, batch, vectors, torch.device("cpu"))
+        ids, mask = pad_right([e.ids for e in batch], task.pad_id())
+        labels = av_labels(ids, mask, [e.n_prompt for e in batch])
+        task.injector.set_vectors(vectors)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        naive = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                  labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    assert n == int((labels != -100).sum()) > 0
+    torch.testing.assert_close(loss, naive, rtol=1e-5, atol=1e-4)
+
+
 def test_plan_is_deterministic_grouped_and_split_across_processes() -> None:
     lengths = [(i * 37) % 50 + 5 for i in range(96)]
     a = plan_steps(lengths, 8, seed=1, epochs=2, max_steps=None, group_by_length=True)

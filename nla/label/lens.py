@@ -1,14 +1,24 @@
 """The ``lens`` teacher: offline, deterministic explanations read off the base model itself.
 
 For each row it runs the dataset's base model on the row's context (batched, left padding)
-and writes three features in the prompt's ``<analysis>`` shape, each 10–20 words and each a
-checkable fact about that position:
+and writes three features in the prompt's ``<analysis>`` shape, each a checkable fact about
+that position. Two styles:
 
-1. the passage's most distinctive words (tf-idf of the context against the corpus of
-   documents in the dataset),
-2. where the current sentence or line stands (how it began, how long it is so far),
-3. the very end of the text and the model's own top next-token predictions (softmax of the
-   logits at the last token).
+* ``short`` (``--teacher lens``, the default): about 30 tokens, no fixed wording beyond a
+  leading word per line, so every token the AV and AR spend is on something the vector holds::
+
+      - ends "of the given type"
+      - predicts "." then "," or "of"
+      - about "literal", "evaluation", "object"
+
+* ``long`` (``--teacher lens-long``, the format before lens-v2): 10–20 words per feature in full
+  sentences, about 90 tokens, a third of them the same preamble on every row.
+
+The three facts in both: the very end of the text (the current token and the few words before
+it, what the residual stream at layer K is mostly about), the model's own top next-token
+predictions (softmax of the logits at the last token), and the passage's most distinctive
+words (tf-idf of the context against the corpus of documents in the dataset); the long style
+adds where the current sentence stands.
 
 It needs no API and no key, so a fresh checkout can run the whole pipeline; its explanations are
 plain, but they differ wherever positions differ, which is what an AV must learn to read.
@@ -25,7 +35,8 @@ from typing import Any
 from nla.label.prompt import format_analysis
 from nla.label.providers import LabelRequest, Teacher
 
-LENS_VERSION = "lens-v1"
+LENS_VERSIONS = {"short": "lens-v2", "long": "lens-v1"}
+STYLES = tuple(LENS_VERSIONS)
 MAX_TOKENS = 512  # longer contexts keep their last 512 tokens: the end is what predicts next
 
 STOPWORDS = frozenset(
@@ -52,14 +63,19 @@ def _n_words(text: str) -> int:
 class LensTeacher(Teacher):
     """Explanations from the base model's logits and the context; see the module docstring."""
 
-    provider = "lens"
     remote = False
 
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "float32",
-                 batch_size: int = 16, top_k: int = 3):
+                 batch_size: int = 16, top_k: int = 3, style: str = "short"):
         super().__init__()
         from nla.models.loading import canonical_spec
 
+        if style not in LENS_VERSIONS:
+            raise ValueError(f"lens style {style!r}: choose {', '.join(STYLES)}")
+        self.style = style
+        # The provider name carries the style, so the label cache (keyed by provider) never
+        # hands a row labelled in one style to a run asking for the other.
+        self.provider = "lens" if style == "short" else f"lens-{style}"
         self.model = canonical_spec(model)
         self.device = device
         self.dtype = dtype
@@ -75,7 +91,12 @@ class LensTeacher(Teacher):
         return f"lens:{self.model}"
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "lens_version": LENS_VERSION, "top_k": self.top_k}
+        return {**super().describe(), "lens_version": LENS_VERSIONS[self.style], "top_k": self.top_k}
+
+    @property
+    def cache_model(self) -> str:
+        # lens-v1 (long) answers were cached as provider "lens": the version keeps them apart.
+        return f"{self.model}@{LENS_VERSIONS[self.style]}"
 
     # ------------------------------------------------------------------ setup
     def prepare(self, contexts: dict[str, str]) -> None:
@@ -209,7 +230,39 @@ class LensTeacher(Teacher):
         return text
 
     def features(self, context: str, top: list[tuple[int, float]]) -> list[str]:
+        if self.style == "short":
+            return [self.short_ending(context), self.short_next(top), self.short_topic(context)]
         return [self.distinctive(context), self.sentence(context), self.ending(context, top)]
+
+    # ------------------------------------------------------------------ the short style
+    @staticmethod
+    def short_ending(context: str, n_words: int = 4) -> str:
+        """The last few words as the model saw them (the current token is the last of them)."""
+        words = context.split()
+        if not words:
+            return "ends in whitespace only"
+        text = f"ends {_quote(words[-n_words:])}"
+        trailing = context[len(context.rstrip()):]
+        if trailing:
+            text += " then a " + ("line break" if "\n" in trailing else "space")
+        return text
+
+    def short_next(self, top: list[tuple[int, float]]) -> str:
+        # Distinct tokens can read the same ("newline" for "\n" and "\n\n"): say each once.
+        guesses = list(dict.fromkeys(self._token(t) for t, _ in top))
+        text = f"predicts {guesses[0]}"
+        if len(guesses) > 1:
+            text += " then " + " or ".join(guesses[1:3])
+        return text if len(text.split()) >= 3 else text + " next"
+
+    def short_topic(self, context: str, k: int = 3) -> str:
+        """The passage's most distinctive words, without a sentence around them."""
+        tf = Counter(words_of(context))
+        ranked = sorted(tf, key=lambda w: (-tf[w] * self._idf.get(w, self._default_idf), w))[:k]
+        if not ranked:
+            return "about symbols and numbers"
+        quoted = ", ".join(_quote([w]) for w in ranked)
+        return f"about {quoted}" if len(ranked) >= 2 else f"about {quoted} only"
 
     def _explain_sync(self, contexts: list[str]) -> list[str | None]:
         tops = self._predictions(contexts)

@@ -99,6 +99,11 @@ class Teacher(ABC):
     def spec(self) -> str:
         return f"{self.provider}:{self.model}" if self.model else self.provider
 
+    @property
+    def cache_model(self) -> str:
+        """The model part of the label-cache key (a teacher with versions adds its version)."""
+        return self.model
+
     def prepare(self, contexts: dict[str, str]) -> None:  # noqa: B027 — optional hook
         """Called once before labeling with the longest context of every document."""
 
@@ -428,20 +433,21 @@ class TeacherSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-PROVIDERS = ("lens", "openai", "anthropic", "hf")
+PROVIDERS = ("lens", "lens-long", "openai", "anthropic", "hf")
 
 
 def make_teacher(spec: str, s: TeacherSettings) -> Teacher:
     """Build a teacher from a ``--teacher`` spec."""
     provider, _, model = spec.partition(":")
     provider = provider.strip().lower()
-    if provider == "lens":
+    if provider in ("lens", "lens-long"):
         from nla.label.lens import LensTeacher
 
         base = model or s.base_model
         if not base or base == "unknown":
-            raise NLAError("--teacher lens: the dataset sidecar names no base model; use lens:MODEL")
-        return LensTeacher(base, device=s.device, dtype=s.dtype, batch_size=s.batch_size)
+            raise NLAError(f"--teacher {provider}: the dataset sidecar names no base model; use {provider}:MODEL")
+        return LensTeacher(base, device=s.device, dtype=s.dtype, batch_size=s.batch_size,
+                           style="short" if provider == "lens" else "long")
     if provider in ("openai", "anthropic"):
         cls = OpenAITeacher if provider == "openai" else AnthropicTeacher
         return cls(model, base_url=s.base_url, api_key_env=s.api_key_env, timeout=s.timeout,

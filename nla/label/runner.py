@@ -216,7 +216,7 @@ class LabelRunner:
                 keys = {}
                 for i in state.rows:
                     if contexts[i] is not None:
-                        keys[i] = cache_key(self.teacher.provider, self.teacher.model, PROMPT_VERSION, contexts[i])
+                        keys[i] = cache_key(self.teacher.provider, self.teacher.cache_model, PROMPT_VERSION, contexts[i])
                 hits = self.cache.get_many(sorted(set(keys.values())))
                 for i in state.rows:
                     key = keys.get(i)
@@ -413,7 +413,7 @@ def label(cfg: LabelConfig) -> LabelSummary:
 
                 threads = torch.get_num_threads()
                 torch.set_num_threads(cfg.torch_threads)
-            teacher.prepare(runner.corpus() if teacher.provider == "lens" else {})
+            teacher.prepare(runner.corpus() if teacher.provider.startswith("lens") else {})
             if cfg.progress:
                 runner.bar = tqdm(total=summary.todo, unit="row", desc=f"label {teacher.spec}",
                                   dynamic_ncols=True, file=sys.stderr)

@@ -60,6 +60,7 @@ class Verbalizer:
         self.d_model = d_model
         self.end_ids = end_token_ids(tokenizer)
         self._prompt_cache: dict[str | None, list[int]] = {}
+        self._opens_tag: bool | None = None
 
     # ---------------------------------------------------------------- prompts
     def prompt_text(self, tag: str | None = None) -> str:
@@ -147,5 +148,9 @@ class Verbalizer:
         truncated = cut == len(token_ids)
         kept = token_ids[:cut]
         raw = self.tokenizer.decode(kept, skip_special_tokens=True)
-        explanation = parse_explanation(raw)
+        # Some published AV prompts end with the opening tag (anicka's end in "<explanation>"):
+        # the model then writes only the text and the closing tag.
+        if self._opens_tag is None:
+            self._opens_tag = self.prompt_text().rstrip().endswith("<explanation>")
+        explanation = parse_explanation("<explanation>" + raw if self._opens_tag else raw)
         return Verbalization(explanation, raw, truncated and explanation is None, kept)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -52,6 +52,10 @@ class SFTConfig:
     lora_dropout: float = opt(0.0, help="LoRA dropout")
     lora_target_modules: list[str] = opt([], help="module names to adapt (default: all linear layers)")
     use_rslora: bool = opt(False, help="rank-stabilised LoRA scaling (alpha / sqrt(r))")
+    injection_mode: Literal["replace", "add"] = opt("replace", help="how a fresh bundle's AV reads the vector: replace (the marker's embedding, the paper's) "
+                              "or add (Karvonen: added to the output of block --inject-layer); an --init bundle keeps its own")
+    inject_layer: int = opt(1, help="add mode: the block whose output the vector is added to")
+    inject_coef: float = opt(1.0, help="add mode: h ← h + coef·‖h‖·v/‖v‖")
     precision: str = opt("fp32", help="fp32, or bf16 (autocast, fp32 master weights; the AR value head stays fp32)")
     lr: float = opt(2e-4, help="AV learning rate")
     ar_lr: float | None = opt(None, help="AR learning rate (default: --lr)")
@@ -213,10 +217,15 @@ class AVTask(Task):
         ids, mask = pad_right([e.ids for e in batch], self.pad_id())
         labels = av_labels(ids, mask, [e.n_prompt for e in batch])
         self.injector.set_vectors(vectors[[e.row for e in batch]])
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        # Logits only from the last prompt token on: the LM head and the log-softmax over the
+        # vocabulary on prompt positions (most of an AV example) would be computed and masked.
+        start = max(min(e.n_prompt for e in batch) - 1, 0)
+        keep = torch.arange(start, ids.shape[1] - 1, device=device)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                       logits_to_keep=keep).logits
         # Shifted: the logits at t predict token t+1. fp32 for the log-softmax under bf16.
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device),
+            logits.float().reshape(-1, logits.shape[-1]), labels[:, start + 1 :].reshape(-1).to(device),
             ignore_index=-100, reduction="sum",
         )
         return loss, int((labels[:, 1:] != -100).sum())
@@ -345,7 +354,8 @@ def start_bundle(cfg: SFTConfig, device: torch.device) -> Any:
         return nla
     torch.manual_seed(cfg.seed)  # LoRA B is zero, A random: seeded so runs are repeatable
     return NLA.initialize(cfg.model, dataset=cfg.data, lora=lora_settings(cfg) if cfg.lora else None,
-                          device=str(device))
+                          injection_mode=cfg.injection_mode, inject_layer=cfg.inject_layer,
+                          inject_coef=cfg.inject_coef, device=str(device))
 
 
 def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
