@@ -81,6 +81,7 @@ class Stage:
     reset: Callable[[], None] | None = None  # undo side effects outside `output` before a redo
     fingerprint: str = ""
     counts: dict[str, int] = field(default_factory=dict)  # rows done / failed, recorded in the stamp
+    wall_s: float = 0.0  # seconds the stage ran, recorded in the stamp and printed with the result
 
 
 def _fingerprint(settings: dict[str, Any], upstream: list[str]) -> str:
@@ -105,6 +106,8 @@ def write_stamp(stage: Stage) -> None:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if stage.counts:
         data["counts"] = stage.counts
+    if stage.wall_s:
+        data["wall_s"] = round(stage.wall_s, 1)
     tmp = stage.output / (STAMP + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     tmp.replace(stage.output / STAMP)
@@ -223,7 +226,9 @@ def run_pipeline(cfg: RunConfig, *, dry_run: bool = False, rebuild: bool = False
             if stage.reset is not None:
                 stage.reset()
         print(f"\n== {stage.name} ==", flush=True)
+        started = time.perf_counter()
         stage.run()
+        stage.wall_s = time.perf_counter() - started  # this invocation's (a resumed stage: its last part)
         write_stamp(stage)
     from nla.stages import summarize_run
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from nla.config import config_from_dict
 from nla.errors import NLAError
-from nla.pipeline import RunConfig, Stage
+from nla.pipeline import STAMP, RunConfig, Stage
 
 
 def _resolve(cls: type, base: dict[str, Any], section: dict[str, Any], where: str) -> Any:
@@ -70,7 +70,13 @@ def make_stages(cfg: RunConfig) -> list[Stage]:
     sft = _resolve(SFTConfig, {**shared, "data": str(data_dir), "out": str(sft_dir), "resume": True}, cfg.sft, "sft")
     stages.append(Stage("sft", _settings(sft, ("data", "out", "device", "resume", "progress")), lambda: train_sft(sft), sft_dir,
                         estimate_s=_sft_estimate(sft), estimate_mb=60, depends=["label"]))
-    last_bundle = sft_dir
+    # The SFT bundle is always evaluated: with RL it is the baseline RL must beat, on the same
+    # rows with the same settings.
+    ev = _resolve(EvalConfig, {**shared, "nla": str(sft_dir), "data": str(data_dir), "out": str(eval_dir)},
+                  cfg.eval, "eval")
+    eval_estimate = (ev.max_rows or 256) * 1.0 * (1 + ev.best_of)
+    stages.append(Stage("eval", _settings(ev, ("nla", "data", "out", "device", "progress")), lambda: run_eval(ev), eval_dir,
+                        estimate_s=eval_estimate, estimate_mb=5, depends=["sft"]))
     if cfg.rl:
         from nla.train.rl import RLConfig, train_rl
 
@@ -79,12 +85,10 @@ def make_stages(cfg: RunConfig) -> list[Stage]:
         stages.append(Stage("rl", _settings(rl, ("nla", "data", "out", "device", "resume", "force", "progress")),
                             lambda: train_rl(rl), rl_dir,
                             estimate_s=_rl_estimate(rl), estimate_mb=60, depends=["sft"]))
-        last_bundle = rl_dir
-    ev = _resolve(EvalConfig, {**shared, "nla": str(last_bundle), "data": str(data_dir), "out": str(eval_dir)},
-                  cfg.eval, "eval")
-    stages.append(Stage("eval", _settings(ev, ("nla", "data", "out", "device", "progress")), lambda: run_eval(ev), eval_dir,
-                        estimate_s=(ev.max_rows or 256) * 1.5 * (1 + ev.best_of), estimate_mb=5,
-                        depends=["rl" if cfg.rl else "sft"]))
+        ev_rl = dataclasses.replace(ev, nla=str(rl_dir), out=str(work / "eval_rl"))
+        stages.append(Stage("eval_rl", _settings(ev_rl, ("nla", "data", "out", "device", "progress")),
+                            lambda: run_eval(ev_rl), work / "eval_rl", estimate_s=eval_estimate, estimate_mb=5,
+                            depends=["rl"]))
     return stages
 
 
@@ -117,22 +121,47 @@ def _rl_estimate(rl: Any) -> float:
     return 60.0 + rl.steps * 52.0 * rollouts / 16 * rl.max_new_tokens / 112 + 2 * rl.eval_rows * 0.8
 
 
+STAGES = ("extract", "label", "sft", "eval", "rl", "eval_rl")
+
+
 def summarize_run(cfg: RunConfig) -> dict[str, Any]:
-    """Headline metrics, the report path and a few example explanations."""
+    """Headline metrics with their baselines (SFT, and RL beside it when it ran), the time each
+    stage took, the report path and a few example explanations."""
     work = Path(cfg.work_dir)
-    report = work / "eval"
-    metrics_file = report / "metrics.json"
-    if not metrics_file.exists():
-        raise NLAError(f"{metrics_file}: eval finished without writing metrics.json")
-    metrics = json.loads(metrics_file.read_text())
-    headline = _headline(metrics)
+    reports = {"SFT": work / "eval"}
+    if cfg.rl:
+        reports["RL"] = work / "eval_rl"
+    loaded: dict[str, dict[str, Any]] = {}
+    for name, report in reports.items():
+        metrics_file = report / "metrics.json"
+        if not metrics_file.exists():
+            raise NLAError(f"{metrics_file}: eval finished without writing metrics.json")
+        loaded[name] = json.loads(metrics_file.read_text())
+    headlines = {name: _headline(m) for name, m in loaded.items()}
     print("\n== result ==")
-    for name, value in headline.items():
-        print(f"  {name:<34} {value}")
-    print(f"  report: {(report / 'index.html').resolve()}")
-    samples_file = report / "samples.jsonl"
+    names = list(headlines)
+    print(f"  {'':<42}" + "".join(f"{n:>24}" for n in names))
+    for label in headlines[names[0]]:
+        print(f"  {label:<42}" + "".join(f"{headlines[n].get(label, '—'):>24}" for n in names))
+    if "RL" in loaded:
+        hedging = ((loaded["RL"].get("extra") or {}).get("hedging"))
+        summary = work / "rl" / "rl_summary.json"
+        if summary.exists():
+            hedging = json.loads(summary.read_text()).get("hedging", hedging)
+        print(f"  RL hedging flag (rl_summary.json): {hedging}")
+    times = []
+    for stage in STAGES:
+        stamp_file = work / ("data" if stage == "extract" else stage) / STAMP
+        stamp = json.loads(stamp_file.read_text()) if stamp_file.exists() else None
+        if stamp and stamp.get("wall_s") is not None:
+            times.append(f"{stage} {float(stamp['wall_s']) / 60:.1f} min")
+    if times:
+        print("  stage wall time: " + ", ".join(times))
+    for name, report in reports.items():
+        print(f"  {name} report: {(report / 'index.html').resolve()}")
+    samples_file = reports[names[-1]] / "samples.jsonl"
     if samples_file.exists() and cfg.examples:
-        print("\nexample explanations (held-out vectors):")
+        print(f"\nexample explanations ({names[-1]} bundle, held-out vectors):")
         with samples_file.open() as fh:
             for i, line in enumerate(fh):
                 if i >= cfg.examples:
@@ -143,15 +172,18 @@ def summarize_run(cfg: RunConfig) -> dict[str, Any]:
                 said = s.get("av_explanation")
                 if said is None:
                     said = "(unparseable) " + str(s.get("av_raw", "")).strip()[:100]
-                print(f"  AV says: {said}")
+                print("  AV says: " + str(said).replace("\n", "\n           "))
                 fve = s.get("fve_nrm")
                 if fve is not None:
                     print(f"  round-trip fve_nrm: {fve:.3f}")
                 print()
-    return {"metrics": metrics, "headline": headline}
+    return {"metrics": loaded[names[-1]], "headline": headlines[names[-1]],
+            "by_bundle": {n: {"metrics": loaded[n], "headline": headlines[n]} for n in names}}
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, str]:
+    """The figures a reader needs to tell whether the NLA reads the vector, each with its
+    baseline (and 95 % interval where the report has one)."""
     out: dict[str, str] = {}
 
     def pick(path: str) -> Any:
@@ -162,18 +194,33 @@ def _headline(metrics: dict[str, Any]) -> dict[str, str]:
             node = node[part]
         return node
 
-    for label, path in [
-        ("round trip fve_nrm (AV → AR)", "round_trip.fve_nrm"),
-        ("round trip fve_meannorm", "round_trip.fve_meannorm"),
-        ("round trip top-1 of 16", "round_trip.top1"),
-        ("AR on teacher labels fve_nrm", "ar_alone.fve_nrm"),
-        ("mean-direction baseline fve_nrm", "baselines.mean_direction.fve_nrm"),
-        ("shuffled-activation baseline fve_nrm", "baselines.shuffled_activations.fve_nrm"),
-        ("bag-of-words ridge on labels fve_nrm", "baselines.bow_ridge.on_teacher.fve_nrm"),
-    ]:
+    def fmt(path: str, ci: str | None = None) -> str | None:
         value = pick(path)
         if isinstance(value, dict):
             value = value.get("value", value.get("mean"))
-        if isinstance(value, (int, float)):
-            out[label] = f"{value:.3f}"
+        if not isinstance(value, (int, float)):
+            return None
+        text = f"{value:.3f}"
+        interval = pick(ci) if ci else None
+        if isinstance(interval, list) and len(interval) == 2 and all(isinstance(x, (int, float)) for x in interval):
+            text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+        return text
+
+    rows = [
+        ("round trip fve_nrm (AV → AR) [95% CI]", "round_trip.fve_nrm", "round_trip.ci95.fve_nrm"),
+        ("mean-direction baseline fve_nrm", "baselines.mean_direction.fve_nrm", "baselines.mean_direction.ci95.fve_nrm"),
+        ("round trip top-1 of 16 (chance 0.062)", "round_trip.top1", "round_trip.ci95.top1"),
+        ("correct-vs-shuffled gap (mse_nrm)", "round_trip.shuffled_gap", None),
+        ("AR on teacher labels fve_nrm", "ar_alone.fve_nrm", None),
+        ("round trip fve_meannorm", "round_trip.fve_meannorm", None),
+        ("shuffled-activation baseline fve_nrm", "baselines.shuffled_activations.fve_nrm", None),
+        ("bag-of-words ridge on labels fve_nrm", "baselines.bow_ridge.on_teacher.fve_nrm", None),
+        ("probe: word shuffle Δfve_nrm", "probes.word_shuffle.delta_fve_nrm", None),
+        ("probe: drop most informative claim Δ", "probes.claim_ablation.most_informative_delta_fve_nrm", None),
+        ("causal: next-token KL recovered", "causal.fraction_recovered", None),
+    ]
+    for label, path, ci in rows:
+        text = fmt(path, ci)
+        if text is not None:
+            out[label] = text
     return out

@@ -253,6 +253,10 @@ def metric_block(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, c
     return out
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def _finite(v: Any) -> Any:
     """NaN/inf become None: JSON has no NaN, and a reader should see 'not measurable'."""
     if isinstance(v, float) and not math.isfinite(v):
@@ -630,6 +634,9 @@ def run_probes(nla: Any, texts: list[str], target: torch.Tensor, mean: torch.Ten
         "claims_per_explanation": _stats([float(c) for c in n_claims]),
         "delta_fve_nrm": sum(all_deltas) / len(all_deltas) if all_deltas else None,
         "per_claim_index": [{"index": j, "n": len(v), "delta_fve_nrm": sum(v) / len(v)} for j, v in sorted(by_index.items())],
+        # Per row, the claim whose removal costs the most: does any single claim carry the vector?
+        "most_informative_delta_fve_nrm": _mean([min(d for d in r if d is not None) for r in ablation_rows
+                                                 if any(d is not None for d in r)]),
         "note": None if all_deltas else "no explanation has two or more claims; nothing to ablate",
     }
     per_rows["claim_ablation_delta_fve_nrm"] = ablation_rows
