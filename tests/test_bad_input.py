@@ -62,6 +62,14 @@ def corrupt(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])
 
 
+def nan_value_head(path: Path) -> None:
+    """A value head whose weights went NaN (a diverged run): the AR's output is NaN."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    save_file({k: v.float() * float("nan") for k, v in tensors.items()}, str(path))
+
+
 def cuda_missing_device() -> str:
     import torch
 
@@ -143,6 +151,8 @@ CASES = [
     Case("corrupt-adapter", ["verbalize", "--nla", "lora", "--text", "hi", "--device", "cpu"],
          "adapter_model.safetensors: unreadable or corrupt",
          setup=lambda w: corrupt(w / "lora" / "av" / "adapter_model.safetensors")),
+    Case("nan-value-head", ["reconstruct", "--nla", "run", "hello", "--json", "--device", "cpu"],
+         "non-finite values", setup=lambda w: nan_value_head(w / "run" / "ar" / "value_head.safetensors")),
     # ---- text that is not text
     Case("text-not-utf8", ["verbalize", "--nla", "run", "--text", "\udcff\udcfe bad", "--device", "cpu"],
          "--text: not valid UTF-8 text"),

@@ -213,3 +213,22 @@ def test_sigkill_then_rerun_repeats_nothing(data: Path, api_key: str) -> None:
     assert summary.cached >= len(done)
     table = rows(data)
     assert all(r["explanation"] == format_explanation(fake_features(r["context"])) for r in table)
+
+
+def test_keys_inside_the_base_url_never_reach_disk_or_console(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Some gateways take the key in the URL (user-info or ``?api-key=``): the URL is redacted
+    before label_config.yaml, the sidecar or any message holds it (docs/guarantees.md)."""
+    user_key, query_key = "USERINFO-KEY-7730", "QUERY-KEY-5521"
+    with FakeTeacherServer() as server:
+        host = server.url.removeprefix("http://")
+        assert main(["label", "--data", str(data), "--teacher", f"openai:{FAKE_MODEL}", "--no-progress",
+                     "--base-url", f"http://gw:{user_key}@{host}/v1", "--limit", "4"]) == 0
+        assert main(["label", "--data", str(data), "--teacher", f"openai:{FAKE_MODEL}", "--no-progress",
+                     "--base-url", f"{server.url}/v1?api-key={query_key}", "--limit", "4"]) == 0
+    out = capsys.readouterr()
+    saved = read_yaml(data / "label_config.yaml")["base_url"]
+    assert saved.endswith("/v1?api-key=REDACTED") and query_key not in saved
+    for f in [p for p in data.rglob("*") if p.is_file()]:
+        blob = f.read_bytes()
+        assert user_key.encode() not in blob and query_key.encode() not in blob, f"a key leaked into {f}"
+    assert user_key not in out.out + out.err and query_key not in out.out + out.err

@@ -172,3 +172,47 @@ def test_configs_default_yaml_is_the_builtin_default() -> None:
 
     documented = load_run_config(str(ROOT / "configs" / "default.yaml"))
     assert dataclasses.asdict(documented) == dataclasses.asdict(RunConfig())
+
+
+def test_failed_labels_fail_the_run_and_the_next_run_retries_them(tmp_path: Path) -> None:
+    """A teacher that answers HTTP 500 to everything, then recovers (the local fake server of
+    nla/label/testing.py): the first `nla run` stops non-zero with the counts and stamps no
+    stage after extract; the second labels every row and finishes. The API key in the
+    base URL's user-info never reaches a file or the console."""
+    from nla.label.testing import FAKE_MODEL, FakeTeacherServer, FaultPlan
+
+    secret = "PIPE-SECRET-93f1"
+    work = tmp_path / "work"
+    with FakeTeacherServer(FaultPlan(p_500=1.0)) as server:
+        host = server.url.removeprefix("http://")
+        config = variant(tmp_path, "api.yaml",
+                         label={"base_url": f"http://nla:{secret}@{host}/v1", "max_retries": 1, "backoff": 0.01,
+                                "timeout": 5, "concurrency": 8, "progress": False},
+                         sft={"max_steps": 2, "ar_max_steps": 2},
+                         eval={"max_rows": 4, "best_of": 0, "probes": False, "bootstrap": 0, "max_new_tokens": 8})
+        data = yaml.safe_load(config.read_text())
+        data["teacher"] = f"openai:{FAKE_MODEL}"
+        config.write_text(yaml.safe_dump(data))
+
+        first = nla_run(str(config), "--work-dir", str(work), check=False)
+        assert first.returncode == 2, first.stderr[-3000:]
+        errors = [ln for ln in first.stderr.replace("\r", "\n").splitlines() if ln.startswith("nla ")]
+        assert len(errors) == 1 and "160 of 160 rows could not be labelled (0 labelled" in errors[0], errors
+        assert "HTTP 500" in errors[0] and "--allow-partial" in errors[0]
+        assert (work / "data" / ".nla_stage.json").exists()
+        assert not (work / "label" / ".nla_stage.json").exists() and not (work / "sft").exists()
+        assert server.stats.statuses[500] == 2 * 160  # each row asked once and retried once
+
+        server.plan.p_500 = 0.0  # the API recovers
+        second = nla_run(str(config), "--work-dir", str(work))
+    assert "== label ==" in second.stdout and "== extract ==" not in second.stdout
+    assert "== result ==" in second.stdout
+    stamp = json.loads((work / "label" / ".nla_stage.json").read_text())
+    assert stamp["counts"] == {"todo": 160, "labelled": 160, "cached": 0, "failed": 0}
+    from nla.data.store import ActivationDataset
+
+    assert all(r["explanation"] for r in ActivationDataset.open(work / "data").rows())
+    for path in work.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"the key leaked into {path}"
+    assert secret not in first.stdout + first.stderr + second.stdout + second.stderr
