@@ -170,3 +170,38 @@ def test_lora_base_and_full_logits_agree(setup: tuple[Path, Path], loaded: tuple
     b, _ = causal_faithfulness(lora, [r["context"] for r in rows], vecs, noise, ds.mean_vector())
     assert a["kl"]["reconstruction"] == pytest.approx(b["kl"]["reconstruction"], rel=1e-4)
     assert b["kl"]["true_vector"] < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
+def test_cached_prefix_equals_running_every_variant_whole(arch: str) -> None:
+    """patched_logprobs runs the prefix once and only the last token per variant (KV cache
+    copied); it must equal patching block K's last-position output in a full forward of each
+    variant (more variants than one chunk, so the cache copy per chunk is exercised)."""
+    from nla.models.layers import decoder_blocks
+
+    torch.manual_seed(0)
+    nla = NLA.initialize(f"tiny:{arch}", device="cpu")
+    model, k = nla.av_model, nla.meta.layer_index
+    ids = nla.tokenizer("the parser reads the tokens and then builds a tree")["input_ids"]
+    directions = torch.randn(20, nla.meta.d_model)
+    fast, clean_state = patched_logprobs(model, k, ids, directions)
+
+    def full(direction: torch.Tensor | None) -> torch.Tensor:
+        def hook(_m: torch.nn.Module, _i: object, out: object) -> object:
+            hidden = out[0] if isinstance(out, tuple) else out
+            if direction is not None:
+                hidden = hidden.clone()
+                hidden[0, -1] = direction / direction.norm() * hidden[0, -1].norm()
+            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+        handle = decoder_blocks(model)[k].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+        finally:
+            handle.remove()
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    naive = torch.stack([full(None)] + [full(d) for d in directions])
+    torch.testing.assert_close(fast, naive, rtol=1e-4, atol=1e-4)
+    assert clean_state.shape == (nla.meta.d_model,)

@@ -70,12 +70,20 @@ def patched_logprobs(model: Any, layer: int, ids: list[int], directions: torch.T
     ``layer``'s output at the last position replaced by ``directions[i]`` rescaled to the
     clean state's norm. Also returns the clean block-``layer`` state at the last position.
 
-    All variants run as one batch of the same unpadded sequence, so attention masks and
-    position ids are those of the clean run; earlier positions are untouched, so only the
-    last position's later computation sees the patch.
+    The patch touches only the last position, and a causal model's earlier positions never
+    see a later one: so the prefix runs once, its key/value cache is copied to every variant,
+    and only the last token runs per variant (about ``1 + variants / length`` of the cost of
+    running every variant's whole sequence, which is what this computes).
     """
+    import copy
+
     block = decoder_blocks(model)[layer]
     dev = next(model.parameters()).device
+    prefix_cache = None
+    if len(ids) > 1:
+        prefix_cache = model(input_ids=torch.tensor([ids[:-1]], device=dev), use_cache=True,
+                             **_last_logits_only(model)).past_key_values
+    last = ids[-1:] if prefix_cache is not None else ids
     clean_state: list[torch.Tensor] = []
     outs = []
     for start in range(0, max(1, len(directions)), VARIANTS_PER_FORWARD):
@@ -91,10 +99,15 @@ def patched_logprobs(model: Any, layer: int, ids: list[int], directions: torch.T
                 hidden[1:, -1] = _rescale(chunk.to(hidden.device), h0.norm()).to(hidden.dtype)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-        batch = torch.tensor([ids] * (1 + len(chunk)), device=dev)
+        batch = torch.tensor([last] * (1 + len(chunk)), device=dev)
+        kwargs: dict[str, Any] = {"use_cache": prefix_cache is not None}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)  # the forward appends to it; each chunk starts clean
+            cache.batch_repeat_interleave(len(batch))
+            kwargs["past_key_values"] = cache
         handle = block.register_forward_hook(hook)
         try:
-            logits = model(input_ids=batch, use_cache=False, **_last_logits_only(model)).logits[:, -1].float()
+            logits = model(input_ids=batch, **kwargs, **_last_logits_only(model)).logits[:, -1].float()
         finally:
             handle.remove()
         logp = torch.log_softmax(logits, dim=-1).cpu()
