@@ -131,7 +131,7 @@ class BundleMeta:
             n_layers=require(data, "n_layers", where, int),
             injection=InjectionSettings(
                 mode=mode,
-                scale=float(require(data, "injection.scale", where, (int, float))),
+                scale=float(require(data, "injection.scale", where, (int, float), positive=True)),
                 layer=int(inj.get("layer", 1)),
                 coef=float(inj.get("coef", 1.0)),
             ),

@@ -7,6 +7,7 @@ one used in training is exactly the silent failure this prevents).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -107,8 +108,12 @@ def write_yaml(path: str | Path, data: dict[str, Any]) -> None:
         raise
 
 
-def require(data: dict[str, Any], dotted: str, where: str | Path, kind: type | tuple = object) -> Any:
-    """``data['a']['b']`` for ``'a.b'``, or an error naming the missing/invalid field."""
+def require(data: dict[str, Any], dotted: str, where: str | Path, kind: type | tuple = object,
+            positive: bool = False) -> Any:
+    """``data['a']['b']`` for ``'a.b'``, or an error naming the missing/invalid field.
+
+    A number must be finite (a NaN scale in a sidecar would inject NaN); ``positive``: and > 0.
+    """
     node: Any = data
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -116,6 +121,10 @@ def require(data: dict[str, Any], dotted: str, where: str | Path, kind: type | t
         node = node[part]
     if not isinstance(node, kind) or (kind is int and isinstance(node, bool)):
         raise NLAError(f"{where}: field {dotted!r} has invalid value {node!r}")
+    if isinstance(node, (int, float)) and not isinstance(node, bool) and (
+            not math.isfinite(node) or (positive and node <= 0)):
+        raise NLAError(f"{where}: field {dotted!r} has invalid value {node!r}"
+                       + (" (expected a positive number)" if positive else " (expected a finite number)"))
     return node
 
 
@@ -162,6 +171,8 @@ class DatasetMeta:
             raise NLAError(f"{where}: unknown schema_version {version!r} (this nla reads {DATASET_SCHEMA_VERSION})")
         require(data, "layer_index", where, int)
         require(data, "d_model", where, int)
+        if data.get("injection_scale") is not None:
+            require(data, "injection_scale", where, (int, float), positive=True)
         names = {f.name for f in fields(cls)}
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}

@@ -70,6 +70,12 @@ def nan_value_head(path: Path) -> None:
     save_file({k: v.float() * float("nan") for k, v in tensors.items()}, str(path))
 
 
+def set_scale(meta: Path, value: float) -> None:
+    data = yaml.safe_load(meta.read_text())
+    data["injection"]["scale"] = value
+    meta.write_text(yaml.safe_dump(data))
+
+
 def cuda_missing_device() -> str:
     import torch
 
@@ -135,6 +141,12 @@ CASES = [
     Case("extract-out-is-a-file", ["extract", "--out", "afile"], "afile: is a file"),
     Case("eval-out-is-a-file", ["eval", "--nla", "run", "--data", "data", "--out", "afile", "--device", "cpu",
                                 "--max-rows", "2", "--best-of", "0", "--no-probes", "--no-progress"], "afile"),
+    Case("eval-over-dataset", ["eval", "--nla", "run", "--data", "data", "--out", "data", "--force"],
+         "holds an activation dataset"),
+    Case("eval-over-notes", ["eval", "--nla", "run", "--data", "data", "--out", "notes"],
+         "is not an output of nla eval"),
+    Case("run-device-missing", ["run", "c.yaml"], "requested but",
+         files={"c.yaml": f"work_dir: w\nmodel: tiny:llama\ndevice: {DEV}\n"}),
     Case("reconstruct-out-is-a-folder", ["reconstruct", "--nla", "run", "hello", "--out", "notes"],
          "is a folder; give a .safetensors file path"),
     # ---- damaged files: the message names the file
@@ -153,6 +165,11 @@ CASES = [
          setup=lambda w: corrupt(w / "lora" / "av" / "adapter_model.safetensors")),
     Case("nan-value-head", ["reconstruct", "--nla", "run", "hello", "--json", "--device", "cpu"],
          "non-finite values", setup=lambda w: nan_value_head(w / "run" / "ar" / "value_head.safetensors")),
+    Case("sidecar-scale-zero", ["verbalize", "--nla", "run", "--text", "hi", "--device", "cpu"],
+         "field 'injection.scale' has invalid value 0", setup=lambda w: set_scale(w / "run" / "nla_meta.yaml", 0)),
+    Case("sidecar-scale-nan", ["reconstruct", "--nla", "run", "hello", "--device", "cpu"],
+         "field 'injection.scale' has invalid value nan", setup=lambda w: set_scale(w / "run" / "nla_meta.yaml",
+                                                                                    float("nan"))),
     # ---- text that is not text
     Case("text-not-utf8", ["verbalize", "--nla", "run", "--text", "\udcff\udcfe bad", "--device", "cpu"],
          "--text: not valid UTF-8 text"),

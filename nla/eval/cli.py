@@ -7,8 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from nla.config import add_config_args, resolve_config
-from nla.errors import NLAError
+from nla.config import add_config_args, claim_output, resolve_config
+
+# What `nla eval` writes into --out (nla/eval/suite.py, nla/eval/report.py).
+EVAL_OWNED = ("eval_config.yaml", "cache", "metrics.json", "samples.jsonl", "index.html", "plots", "tensorboard")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -19,8 +21,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_compare(args)
     cfg = resolve_config(EvalConfig, args, section="eval")
     out = Path(cfg.out) if cfg.out else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise NLAError(f"{out}: is a file; --out must name a folder")
+    if out is not None:
+        # The shared output guard: a report folder (eval's own, resumable from its cache) is
+        # fine; a dataset never; any other non-empty folder only with --force.
+        claim_output(out, command="eval", force=bool(getattr(args, "force", False)), resume=True, owned=EVAL_OWNED)
     fresh = out is not None and not out.exists()
     try:
         result = run_eval(cfg)
@@ -59,6 +63,8 @@ def register(sub: Any) -> None:
         "`nla eval compare A B` prints two reports side by side.",
     )
     add_config_args(p, EvalConfig)
+    p.add_argument("--force", action="store_true", help="write the report into a non-empty folder that is not a "
+                   "report (replaces only eval's own files)")
     p.set_defaults(func=cmd_eval)
     inner = p.add_subparsers(dest="eval_command", metavar="compare")
     c = inner.add_parser("compare", help="print the headline numbers of two reports side by side")
