@@ -545,6 +545,6 @@ def test_two_process_rl_matches_one_process_and_resumes(warm_start: Path, tiny_d
     assert la == pytest.approx(lb, rel=1e-5) and all(math.isfinite(x) for x in la)
     pa, pb = torch.load(ar_one / "ar_params.pt"), torch.load(ar_two / "ar_params.pt")
     assert pa.keys() == pb.keys() and pa
-    assert all(torch.allclose(pa[k], pb[k], atol=1e-5, rtol=1e-4) for k in pa)
+    assert all(torch.allclose(pa[k], pb[k], atol=1e-4, rtol=1e-4) for k in pa)  # Adam at lr 1e-2, as above
     before = dict(NLA.from_pretrained(warm_start, is_trainable=True).ar.named_parameters())
     assert any(not torch.allclose(pa[k], before[k]) for k in pa)  # the AR did train: not a trivial match
