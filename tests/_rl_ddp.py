@@ -3,9 +3,11 @@
 * ``letter_e``: a dense, learnable reward for an untrained AV (the share of answer tokens
   containing 'e'), given to ``nla train rl --reward _rl_ddp:letter_e``; with
   ``NLA_TEST_FAIL_AT=N`` it raises KeyboardInterrupt at step N on every rank (a kill mid-run).
-* ``python tests/_rl_ddp.py BUNDLE DATA OUT``: the AR keep-up step on explanations that parse
-  (an untrained AV writes none, so a CLI run never trains the AR), run in one process or under
-  ``accelerate launch``; writes the AR weights and losses for the test to compare.
+* ``python tests/_rl_ddp.py BUNDLE DATA OUT [-- NLA ARGS...]``: first ``nla NLA ARGS`` (the CLI's
+  own ``main``, as ``-m nla.cli`` runs it) when given, then the AR keep-up step on explanations
+  that parse (an untrained AV writes none, so a CLI run never trains the AR), in one process or
+  under ``accelerate launch`` (one launch for both saves a start-up of two processes); writes
+  the AR weights and losses for the test to compare.
 """
 
 from __future__ import annotations
@@ -57,4 +59,12 @@ def ar_check(bundle: str, data: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    ar_check(*sys.argv[1:4])
+    args = sys.argv[1:]
+    if "--" in args:
+        from nla.cli import main
+
+        cut = args.index("--")
+        args, cli_args = args[:cut], args[cut + 1 :]
+        if main(cli_args) != 0:
+            raise SystemExit(1)
+    ar_check(*args[:3])

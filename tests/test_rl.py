@@ -472,9 +472,9 @@ def test_two_process_rl_matches_one_process_and_resumes(warm_start: Path, tiny_d
     Each rank generates its share, the rewards are computed on the gathered batch, the policy
     gradients are summed over ranks, one checkpoint is written: the curve (reward, loss, KL,
     grad norm) and the final weights agree within float tolerance, and a 2-process run killed
-    at step 3 and resumed continues the same curve. The AR keep-up step (which needs parseable
-    explanations, so no CLI run on an untrained AV takes it) is checked the same way through
-    tests/_rl_ddp.py. Launched like the SFT DDP test: `--multi_gpu` makes accelerate start two
+    at step 3 and resumed continues the same curve (those two launches are `-m nla.cli` itself;
+    the first goes through tests/_rl_ddp.py, which calls the CLI's main and then checks the AR
+    keep-up step, which needs parseable explanations, so no CLI run on an untrained AV takes it). Launched like the SFT DDP test: `--multi_gpu` makes accelerate start two
     processes through torchrun, `device: cpu` makes them CPU processes talking over gloo.
     """
     import os
@@ -506,10 +506,13 @@ def test_two_process_rl_matches_one_process_and_resumes(warm_start: Path, tiny_d
         return ["-m", "nla.cli", "train", "rl", "--config", str(config), "--nla", str(warm_start),
                 "--data", str(tiny_dataset), "--out", str(out), *extra]
 
-    single = tmp_path / "single"
+    single, ar_one = tmp_path / "single", tmp_path / "ar1"
     assert main(rl_args(single)[2:]) == 0
-    ddp = tmp_path / "ddp"
-    res = launch(*rl_args(ddp))
+    ar_check(str(warm_start), str(tiny_dataset), str(ar_one))
+    # One launch: `nla train rl` through the CLI's main (what -m nla.cli runs), then the AR check.
+    ddp, ar_two = tmp_path / "ddp", tmp_path / "ar2"
+    res = launch(str(here / "_rl_ddp.py"), str(warm_start), str(tiny_dataset), str(ar_two), "--",
+                 *rl_args(ddp)[2:])
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = _rl_records(single), _rl_records(ddp)
     assert [r["processes"] for r in b] == [2] * 4 and [r["processes"] for r in a] == [1] * 4
@@ -537,10 +540,6 @@ def test_two_process_rl_matches_one_process_and_resumes(warm_start: Path, tiny_d
         assert [r[key] for r in c] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-6), key
 
     # The AR keep-up step: picks split over the ranks, gradients summed, the same weights.
-    ar_one, ar_two = tmp_path / "ar1", tmp_path / "ar2"
-    ar_check(str(warm_start), str(tiny_dataset), str(ar_one))
-    res = launch(str(here / "_rl_ddp.py"), str(warm_start), str(tiny_dataset), str(ar_two))
-    assert res.returncode == 0, res.stderr[-3000:]
     la, lb = (json.loads((d / "ar_losses.json").read_text()) for d in (ar_one, ar_two))
     assert la == pytest.approx(lb, rel=1e-5) and all(math.isfinite(x) for x in la)
     pa, pb = torch.load(ar_one / "ar_params.pt"), torch.load(ar_two / "ar_params.pt")
