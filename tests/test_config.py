@@ -133,6 +133,8 @@ def test_unknown_keys_are_errors_in_every_config_file(command: list[str], yaml_t
     (["label", "--data", "D", "--timeout", "0"], "--timeout: must be greater than 0"),
     (["eval", "--nla", "N", "--data", "D", "--out", "O", "--top-p", "1.5"], "--top-p: must be at most 1"),
     (["serve"], "nla is required (give --nla)"),
+    (["serve", "--nla", "N", "--allowed-hosts", "a*b"], "--allowed-hosts: 'a*b': a wildcard is"),
+    (["serve", "--nla", "N", "--default-new-tokens", "500"], "--default-new-tokens 500 is above --max-new-tokens"),
 ])
 def test_ranges_are_checked_for_flags(args: list[str], needle: str, tmp_path: Path) -> None:
     one_line_error(nla(*[str(tmp_path / a) if a in "ODN" else a for a in args]), needle)

@@ -82,6 +82,15 @@ class ServeConfig:
     dtype: str = opt("float32", help="dtype to load the bundle in")
     allowed_hosts: list[str] = opt([], help="Host header names the server answers besides the loopback names and "
                                            "--host ('*': any); others get a 400, which stops DNS-rebinding pages")
+
+    def check(self) -> None:
+        """Cross-field rules (nla.config.validate calls this after the per-field checks)."""
+        for host in self.allowed_hosts:
+            if "*" in host and host != "*" and not (host.startswith("*.") and "*" not in host[2:]):
+                raise NLAError(f"--allowed-hosts: {host!r}: a wildcard is '*' (any) or '*.DOMAIN'")
+        if self.default_new_tokens > self.max_new_tokens:
+            raise NLAError(f"--default-new-tokens {self.default_new_tokens} is above --max-new-tokens "
+                           f"{self.max_new_tokens}")
     data: str = opt("", help="activation dataset for /v1/search and the explorer's search panel (default: none)")
 
 
