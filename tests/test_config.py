@@ -225,3 +225,28 @@ def test_every_stage_config_has_device_auto_and_no_empty_default() -> None:
     for cls in (ExtractConfig, LabelConfig, RLConfig, EvalConfig, ServeConfig):
         field = {f.name: f for f in dataclasses.fields(cls)}["device"]
         assert field.default == "auto", cls.__name__
+
+
+# ---------------------------------------------------------------- the shared output guard
+def test_force_replaces_only_the_commands_own_files(tmp_path: Path) -> None:
+    """`--force` over an earlier RL run removes that run's bundle, checkpoints and metrics (no
+    stale checkpoint survives into the new run) and nothing else; a resume may change only
+    the settings that do not change results (here the device)."""
+    from nla.config import claim_output, config_to_dict, save_config
+    from nla.train.rl import RL_OWNED, RL_RESUME_FREE
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "rl-0000010").mkdir(parents=True)
+    (run / "av").mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "notes.txt").write_text("mine\n")
+    old = RLConfig(nla="b", data="d", out=str(run), device="cpu")
+    save_config(old, run / "train_config.yaml")
+    kw: dict[str, Any] = dict(command="train rl", owned=RL_OWNED, config_file="train_config.yaml",
+                              free=RL_RESUME_FREE)
+    moved = dataclasses.replace(old, device="cuda")
+    claim_output(run, force=False, resume=True, settings=config_to_dict(moved), **kw)  # device is free
+    with pytest.raises(NLAError, match="started with seed=0, this resume asks for 1"):
+        claim_output(run, force=False, resume=True, settings=config_to_dict(dataclasses.replace(old, seed=1)), **kw)
+    claim_output(run, force=True, resume=False, settings=config_to_dict(old), **kw)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
