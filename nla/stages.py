@@ -208,7 +208,10 @@ def _headline(metrics: dict[str, Any]) -> dict[str, str]:
 
     rows = [
         ("round trip fve_nrm (AV → AR) [95% CI]", "round_trip.fve_nrm", "round_trip.ci95.fve_nrm"),
-        ("mean-direction baseline fve_nrm", "baselines.mean_direction.fve_nrm", "baselines.mean_direction.ci95.fve_nrm"),
+        ("mean-direction baseline fve_nrm [95% CI]", "baselines.mean_direction.fve_nrm",
+         "baselines.mean_direction.ci95.fve_nrm"),
+        ("round trip minus mean-direction [paired CI]", "round_trip.vs_mean_direction.delta_fve_nrm",
+         "round_trip.vs_mean_direction.ci95"),
         ("round trip top-1 of 16 (chance 0.062)", "round_trip.top1", "round_trip.ci95.top1"),
         ("correct-vs-shuffled gap (mse_nrm)", "round_trip.shuffled_gap", None),
         ("AR on teacher labels fve_nrm", "ar_alone.fve_nrm", None),

@@ -331,3 +331,17 @@ def test_unlabelled_dataset_and_bad_settings_are_one_line_errors(tiny_dataset: P
         train_sft(cfg_for(tmp_path / "missing", tmp_path / "q"))
     with pytest.raises(NLAError, match="--eval-split 'test' is not a split"):
         train_sft(cfg_for(tiny_dataset, tmp_path / "s", eval_split="test"))
+
+
+def test_load_in_4bit_is_a_one_line_error_on_cpu(labelled: Path, tmp_path: Path) -> None:
+    """QLoRA needs CUDA and bitsandbytes: on this CPU machine `nla train sft --load-in-4bit` stops
+    before writing anything, in one line; with --no-lora it names the contradiction."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "nla.cli", "train", "sft", "--data", str(labelled), "--out", str(out),
+                           "--device", "cpu", "--load-in-4bit", "--max-steps", "1", "--no-progress"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--load-in-4bit needs a CUDA GPU" in proc.stderr
+    assert not out.exists()
+    with pytest.raises(NLAError, match="--no-lora"):
+        train_sft(cfg_for(labelled, tmp_path / "full", lora=False, load_in_4bit=True))

@@ -432,7 +432,14 @@ def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Pat
 
     # ---- baselines
     base_mean = baselines.mean_direction(mean, n)
-    mean_block = metric_block(base_mean, target, mean, cfg, intervals=False)
+    mean_block = metric_block(base_mean, target, mean, cfg)
+    # The round trip's margin over "predict the mean direction", with a paired interval (same
+    # rows resampled for both): the test that the words carry anything at all.
+    margin = rt_fve - metrics.per_row_fve(base_mean, target, mean, b_all)
+    round_trip["vs_mean_direction"] = {
+        "delta_fve_nrm": float(margin.mean()),
+        "ci95": bootstrap_ci(lambda i: float(margin[i].mean()), n, cfg.bootstrap, cfg.seed + 31) if cfg.bootstrap > 0 else None,
+    }
     mean_block["check_fve_meannorm_zero"] = bool(abs(mean_block["fve_meannorm"]) < 1e-6)
     if not mean_block["check_fve_meannorm_zero"]:
         notes.append(f"CHECK FAILED: mean-direction fve_meannorm is {mean_block['fve_meannorm']:.3g}, expected 0")

@@ -31,6 +31,7 @@ from nla import metrics
 from nla.config import config_to_dict, opt
 from nla.errors import NLAError
 from nla.meta import read_yaml
+from nla.models.loading import check_4bit_available, load_in_4bit
 from nla.train import loop
 
 TARGETS = ("av", "ar")
@@ -56,6 +57,7 @@ class SFTConfig:
                               "or add (Karvonen: added to the output of block --inject-layer); an --init bundle keeps its own")
     inject_layer: int = opt(1, help="add mode: the block whose output the vector is added to")
     inject_coef: float = opt(1.0, help="add mode: h ← h + coef·‖h‖·v/‖v‖")
+    load_in_4bit: bool = opt(False, help="QLoRA: load the base weights in 4-bit NF4 (CUDA + bitsandbytes; LoRA only)")
     precision: str = opt("fp32", help="fp32, or bf16 (autocast, fp32 master weights; the AR value head stays fp32)")
     lr: float = opt(2e-4, help="AV learning rate")
     ar_lr: float | None = opt(None, help="AR learning rate (default: --lr)")
@@ -344,7 +346,20 @@ def lora_settings(cfg: SFTConfig) -> Any:
                         target_modules=list(cfg.lora_target_modules) or "all-linear", use_rslora=cfg.use_rslora)
 
 
+def _load(cfg: SFTConfig, path: Path, device: torch.device) -> Any:
+    """A checkpoint to continue training from (in 4-bit again when the run is QLoRA)."""
+    from nla.bundle import NLA
+
+    with load_in_4bit(cfg.load_in_4bit, device):
+        return NLA.from_pretrained(path, device=str(device), is_trainable=True)
+
+
 def start_bundle(cfg: SFTConfig, device: torch.device) -> Any:
+    with load_in_4bit(cfg.load_in_4bit, device):
+        return _start_bundle(cfg, device)
+
+
+def _start_bundle(cfg: SFTConfig, device: torch.device) -> Any:
     from nla.bundle import NLA
 
     if cfg.init:
@@ -375,6 +390,10 @@ def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
         raise NLAError("train: --batch-size and --grad-accum must be ≥ 1")
     if cfg.eval_split not in SPLITS:
         raise NLAError(f"train: --eval-split {cfg.eval_split!r} is not a split (choose from {', '.join(SPLITS)})")
+    if cfg.load_in_4bit:
+        if not cfg.lora:
+            raise NLAError("--load-in-4bit trains LoRA adapters on frozen 4-bit weights; --no-lora cannot update them")
+        check_4bit_available(cfg.device)  # before anything is written
     dataset = ActivationDataset.open(cfg.data)
     accelerator = make_accelerator(cfg)
     device = accelerator.device
@@ -400,9 +419,9 @@ def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
                 nla, done_ck = None, ck
                 continue
             if ck is not None:
-                nla = NLA.from_pretrained(ck, device=str(device), is_trainable=True)
+                nla = _load(cfg, ck, device)
             elif nla is None:
-                nla = NLA.from_pretrained(done_ck, device=str(device), is_trainable=True) if done_ck else \
+                nla = _load(cfg, done_ck, device) if done_ck else \
                     start_bundle(cfg, device)
             if is_fsdp(accelerator):
                 # FSDP flattens and shards each wrapped model's parameters in place; a tensor
@@ -418,7 +437,7 @@ def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
                 # from the complete weights of the phase's last checkpoint.
                 last = loop.latest_checkpoint(run, target)
                 assert last is not None
-                nla = NLA.from_pretrained(last, device=str(device), is_trainable=True)
+                nla = _load(cfg, last, device)
         if nla is None:  # every phase was already done: the last checkpoint is the result
             assert done_ck is not None
             nla = NLA.from_pretrained(done_ck, device=str(device))
