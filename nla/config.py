@@ -453,7 +453,7 @@ def claim_output(out: str | Path, *, command: str, force: bool, owned: tuple[str
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
-                path.unlink()
+                path.unlink(missing_ok=True)
 
 
 def config_to_dict_safe(settings: dict[str, Any]) -> dict[str, Any]:
