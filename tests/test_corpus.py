@@ -188,7 +188,7 @@ def test_hf_source_parses_config_and_split_and_names_bad_input(tmp_path: Path) -
         parse_hf_source("hf:a:b:c:d")
     folder = tmp_path / "c"
     _jsonl_shards(folder, rows_per_shard=5, good_shards=1, bad_shards=0)
-    with pytest.raises(NLAError, match="no column 'text' .*body.*--text-column"):
+    with pytest.raises(NLAError, match=r"no column 'text' .*body.*--text-column"):
         load_corpus(f"hf:{folder}")
     with pytest.raises(NLAError, match="cannot load dataset"):
         load_corpus(f"hf:{folder}::nosuchsplit", text_column="body")
