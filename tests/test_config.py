@@ -195,7 +195,7 @@ RETIRED = {"--bundle": "--nla", "--init": "--nla", "--precision": "--dtype"}
 PENDING = {("train av", "--init"), ("train ar", "--init"), ("train sft", "--init"), ("train av", "--precision"),
            ("train ar", "--precision"), ("train sft", "--precision"),
            ("universal fit-dec", "--bundle"), ("universal eval", "--bundle"), ("universal add-model", "--bundle"),
-           ("search", "--device"), ("steer", "--device")}
+           ("search", "--device"), ("steer", "--device"), ("bench run", "--dtype")}
 
 
 def test_every_subcommand_spells_shared_flags_alike() -> None:
