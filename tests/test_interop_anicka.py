@@ -113,6 +113,10 @@ def reference_check(nla: NLA, arch: str, av_dir: Path, ar_dir: Path, char: str) 
     assert torch.allclose(logits, ref_logits, atol=1e-4)
     ours = nla.verbalize(v.unsqueeze(0), max_new_tokens=6)[0][0]
     assert ours.token_ids and ref_gen[: len(ours.token_ids)] == ours.token_ids
+    # Their prompt already opens the tag, so their AV writes only the text and "</explanation>":
+    # that must parse as the explanation, not as "unparseable".
+    answer = nla.verbalizer._decode(tok.encode(" cooking instructions</explanation>", add_special_tokens=False))
+    assert answer.explanation == "cooking instructions"
 
     texts = ["- Recipe for Thai green curry\n- cooking instructions", "a legal clause"]
     if (ar_dir / "ar_head.safetensors").exists():

@@ -284,3 +284,6 @@ def test_universal_bundle_publishes_whole(work: Path, tmp_path: Path) -> None:
     assert "universal" in card.data.tags and "`tiny-gpt2` = tiny:gpt2 layer 2, held out" in card.text
     UniversalNLA.from_pretrained(out, device="cpu").save_pretrained(tmp_path / "back")
     assert_same_bundle(tmp_path / "uni", tmp_path / "back")
+    # `nla import` keeps the per-model maps too (a plain NLA would drop adapters/)
+    assert main(["import", str(out), "--out", str(tmp_path / "imported"), "--device", "cpu"]) == 0
+    assert_same_bundle(tmp_path / "uni", tmp_path / "imported")

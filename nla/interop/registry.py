@@ -34,6 +34,10 @@ PAIRED = ("paper", "nanonla", "solshine", "anicka")
 def _load_bundle(path: Path, *, dtype: str | torch.dtype = "float32", device: str | None = None) -> Any:
     from nla.bundle import NLA
 
+    # A universal bundle is our bundle plus adapters/ and extra.universal: loaded as a plain
+    # NLA it would be written back without its per-model maps.
+    if (read_yaml(path / META_NAME).get("extra") or {}).get("universal"):
+        return universal.UniversalNLA.from_pretrained(path, dtype=dtype, device=device)
     return NLA.from_pretrained(path, dtype=dtype, device=device)
 
 
