@@ -10,10 +10,10 @@ the ordinary CLI (see docs/universal.md, "Held-out models on an existing bundle"
     nla universal extract --out U --models smollm2-135m=default gemma3-270m --docs 200 \\
         --positions-per-doc 16 --min-position 50 --seq-len 256 --device cpu
     python benchmarks/universal_real.py --trunk runs/default/sft --data U --out B
-    nla universal fit-dec --bundle B --data U --model smollm2-135m --rows 96 --max-new-tokens 110 --device cpu
+    nla universal fit-dec --nla B --data U --model smollm2-135m --rows 96 --max-new-tokens 110 --device cpu
     nla universal fit-enc --data U --model gemma3-270m --ridge 0.01
-    nla universal fit-dec --bundle B --data U --model gemma3-270m --rows 96 --max-new-tokens 110 --device cpu
-    nla universal eval --bundle B --data U --rows 32 --max-new-tokens 110 --device cpu --out eval.json
+    nla universal fit-dec --nla B --data U --model gemma3-270m --rows 96 --max-new-tokens 110 --device cpu
+    nla universal eval --nla B --data U --rows 32 --max-new-tokens 110 --device cpu --out eval.json
 """
 
 from __future__ import annotations

@@ -122,7 +122,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     from nla.bundle import NLA
 
     index = SearchIndex.open(args.data, args.split)
-    nla = NLA.from_pretrained(args.nla, device=args.device or None)
+    from nla.config import check_device
+
+    check_device(args.device, "--device")  # a missing GPU is one line here, not a CUDA traceback
+    nla = NLA.from_pretrained(args.nla, device=args.device)
     hits = search(nla, index, args.text, k=args.k, explain=args.explain, max_new_tokens=args.max_new_tokens)
     if args.json:
         import json
@@ -156,5 +159,5 @@ def register(sub: Any) -> None:
     p.add_argument("--explain", action="store_true", help="also verbalize each hit with the AV")
     p.add_argument("--max-new-tokens", type=int, default=48, help="AV generation budget with --explain")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--device", default="", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     p.set_defaults(func=cmd_search)

@@ -160,7 +160,10 @@ def cmd_steer(args: argparse.Namespace) -> int:
     from nla.bundle import NLA
 
     scales = parse_scales(args.scale)
-    nla = NLA.from_pretrained(args.nla, device=args.device or None)
+    from nla.config import check_device
+
+    check_device(args.device, "--device")  # a missing GPU is one line here, not a CUDA traceback
+    nla = NLA.from_pretrained(args.nla, device=args.device)
     result = steer(nla, args.concept, args.prompt, scales, max_new_tokens=args.max_new_tokens, chat=args.chat,
                    verbalize=not args.no_verbalize, av_new_tokens=args.av_new_tokens)
     if args.json:
@@ -190,5 +193,5 @@ def register(sub: Any) -> None:
     p.add_argument("--chat", action="store_true", help="render the prompt as a user message with the chat template")
     p.add_argument("--no-verbalize", action="store_true", help="skip the AV check (generations only)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--device", default="", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     p.set_defaults(func=cmd_steer)

@@ -139,3 +139,19 @@ def test_bad_input(setup: tuple[Path, Path, Path, Path], tmp_path: Path, capsys:
     assert "Traceback" not in err
     errors = [e for e in err.splitlines() if e.startswith("nla bench: error:")]
     assert len(errors) == 3 and ("layer" in errors[2] or "d_model" in errors[2])
+
+
+def test_run_dtype_takes_the_shared_choices(setup: tuple[Path, Path, Path, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench run --dtype` offers the same choices as every other command (nla.config.DTYPE_CHOICES):
+    a dtype outside them is refused by the parser, before any bundle is loaded or --out is made."""
+    from nla.config import DTYPE_CHOICES
+
+    _, a, _, bench = setup
+    out = tmp_path / "lb"
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "run", str(bench), "--nla", str(a), "--out", str(out), "--dtype", "float64"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'float64'" in err and all(c in err for c in DTYPE_CHOICES)
+    assert not out.exists()

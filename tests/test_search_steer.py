@@ -146,3 +146,27 @@ def test_search_endpoint(setup: tuple[Path, Path]) -> None:
     with running_server(create_app(nla, ServeConfig(torch_threads=1))) as url:
         r = httpx.post(url + "/v1/search", json={"text": "loops"})
         assert r.status_code == 422 and "--data" in r.json()["detail"]
+
+
+def test_search_and_steer_device_defaults_to_auto_and_refuses_a_missing_gpu(
+        setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """`--device` defaults to `auto` (as in every other command) and a device that is not there is
+    one line on stderr (nla.config.check_device), before any bundle is loaded."""
+    import argparse
+
+    from nla.cli import build_parser
+
+    data, bundle = setup
+    parser = build_parser([])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("search", "steer"):
+        device = next(a for a in sub.choices[name]._actions if "--device" in a.option_strings)
+        assert device.default == "auto", name
+    # On a GPU machine, name an index past the last device instead of a CUDA that is missing.
+    dev = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    commands = [["search", "--nla", str(bundle), "--data", str(data), "--device", dev, "loops"],
+                ["steer", "--nla", str(bundle), "loops", "--prompt", "x", "--device", dev]]
+    for argv in commands:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "requested but" in err and "--device" in err, err

@@ -152,7 +152,7 @@ def test_train_add_held_out_model_and_eval_end_to_end(udata: Path, tmp_path: Pat
     assert "tiny-gpt2" in nla.tokenizer.decode(example.ids[: example.n_prompt])
 
     bundle = run / "bundle"
-    assert main(["universal", "add-model", "tiny:gemma", "--data", str(root), "--bundle", str(bundle),
+    assert main(["universal", "add-model", "tiny:gemma", "--data", str(root), "--nla", str(bundle),
                  "--dec-rows", "24", "--eval-rows", "8", "--max-new-tokens", "6", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "tiny-gemma" in out and " yes " in out  # a per-model FVE row, marked held out
@@ -181,7 +181,7 @@ def test_train_add_held_out_model_and_eval_end_to_end(udata: Path, tmp_path: Pat
     assert err_saved < err_pinv
 
     report = tmp_path / "eval.json"
-    assert main(["universal", "eval", "--data", str(root), "--bundle", str(bundle), "--rows", "8",
+    assert main(["universal", "eval", "--data", str(root), "--nla", str(bundle), "--rows", "8",
                  "--max-new-tokens", "6", "--device", "cpu", "--out", str(report)]) == 0
     table = {r["tag"]: r for r in json.loads(report.read_text())}
     assert set(table) == {*WIDTHS, "tiny-gemma"}

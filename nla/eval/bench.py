@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from nla.config import DTYPE_CHOICES
 from nla.errors import NLAError
 from nla.meta import META_NAME, read_yaml, write_yaml
 
@@ -340,6 +341,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"content sha256 {man['content_sha256']}")
         return 0
     if args.bench_command == "run":
+        from nla.config import check_device
+
+        check_device(args.device, "--device")  # a missing GPU is one line, before any bundle loads
         rows = run_bench(args.bench, args.nla, args.out, device=args.device, dtype=args.dtype,
                          progress=not args.no_progress)
         print((Path(args.out) / "leaderboard.md").read_text(encoding="utf-8"))
@@ -383,7 +387,7 @@ def register(sub: Any) -> None:
     r.add_argument("--nla", action="append", default=[], help="bundle folder or release, NAME=PATH to name it (repeat)")
     r.add_argument("--out", required=True, help="leaderboard folder")
     r.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
-    r.add_argument("--dtype", default="float32", help="model dtype")
+    r.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="model dtype (default: float32)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_bench)
     v = inner.add_parser("verify", help="check a bench's content against its manifest hash")

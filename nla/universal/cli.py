@@ -7,8 +7,8 @@ section named after the command, flags override it)::
     nla label --data U/anchor                                                  # teacher labels (any model's folder)
     nla universal fit-enc  --data U --model other                              # enc: other → anchor, held-out FVE
     nla universal train    --data U --out RUN                                  # SFT on enc-mapped tagged rows, then fit-dec
-    nla universal add-model gemma3-270m --data U --bundle RUN/bundle           # extract → fit-enc → fit-dec → eval
-    nla universal eval     --data U --bundle RUN/bundle                        # per-model FVE in each native space
+    nla universal add-model gemma3-270m --data U --nla RUN/bundle              # extract → fit-enc → fit-dec → eval
+    nla universal eval     --data U --nla RUN/bundle                           # per-model FVE in each native space
 
 Training reuses :func:`nla.train.sft.train_sft` unchanged in kind: the rows it reads are written
 in the anchor's width (``enc_M(h_M)``) with a ``tag`` column the AV prompt shows as text.
@@ -155,7 +155,7 @@ def fit_dec(nla: Any, tag: str, enc: nn.Linear, native: torch.Tensor, *, ridge: 
 
 @dataclass
 class FitDecConfig:
-    bundle: str = opt("", help="universal bundle (from `nla universal train`); the map is written into it")
+    nla: str = opt("", help="universal bundle (from `nla universal train`); the map is written into it")
     data: str = opt("", help="universal extraction folder with the model's activations")
     model: str = opt("", help="tag of the model")
     rows: int = opt(256, help="training-split rows round-tripped through AV and AR to fit on")
@@ -196,15 +196,15 @@ def _split_vectors(data: UniversalData, tag: str, train: bool) -> torch.Tensor:
 
 
 def cmd_fit_dec(cfg: FitDecConfig) -> FitResult:
-    if not (cfg.bundle and cfg.data and cfg.model):
-        raise NLAError("fit-dec: --bundle, --data and --model are required")
-    u = UniversalNLA.from_pretrained(cfg.bundle, device=cfg.device)
+    if not (cfg.nla and cfg.data and cfg.model):
+        raise NLAError("fit-dec: --nla, --data and --model are required")
+    u = UniversalNLA.from_pretrained(cfg.nla, device=cfg.device)
     data = UniversalData(cfg.data)
     enc = u.maps[cfg.model][0] if cfg.model in u.maps else load_enc(data.root / ADAPTERS, cfg.model)
     native = fit_rows(_split_vectors(data, cfg.model, train=True), cfg.rows, cfg.seed)
     result = fit_dec(u.nla, cfg.model, enc, native, ridge=cfg.ridge, driver=cfg.driver,
                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    register_maps(Path(cfg.bundle), cfg.model, enc, result.layer, _model_info(data, cfg.model) | {"fit_dec": result.report()})
+    register_maps(Path(cfg.nla), cfg.model, enc, result.layer, _model_info(data, cfg.model) | {"fit_dec": result.report()})
     _print_fit("fit-dec", cfg.model, result)
     return result
 
@@ -217,7 +217,7 @@ def _model_info(data: UniversalData, tag: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- eval
 @dataclass
 class UniversalEvalConfig:
-    bundle: str = opt("", help="universal bundle")
+    nla: str = opt("", help="universal bundle")
     data: str = opt("", help="universal extraction folder (each model's `eval` split is used)")
     models: list[str] = opt([], help="tags to evaluate (default: every bundle tag extracted in --data)")
     rows: int = opt(64, help="eval rows per model")
@@ -266,14 +266,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def cmd_eval(cfg: UniversalEvalConfig) -> list[dict[str, Any]]:
-    if not (cfg.bundle and cfg.data):
-        raise NLAError("eval: --bundle and --data are required")
-    u = UniversalNLA.from_pretrained(cfg.bundle, device=cfg.device)
+    if not (cfg.nla and cfg.data):
+        raise NLAError("eval: --nla and --data are required")
+    u = UniversalNLA.from_pretrained(cfg.nla, device=cfg.device)
     data = UniversalData(cfg.data)
     tags = list(cfg.models) or [t for t in u.tags if data.models.get(t, {}).get("complete")]
     for t in tags:
         if t not in u.maps:
-            raise NLAError(f"{cfg.bundle}: no maps for {t!r} (bundle tags: {', '.join(u.tags)}); run add-model")
+            raise NLAError(f"{cfg.nla}: no maps for {t!r} (bundle tags: {', '.join(u.tags)}); run add-model")
     rows = [evaluate_model(u, data, t, rows=cfg.rows, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
             for t in tags]
     print(format_table(rows))
@@ -407,7 +407,7 @@ class AddModelConfig:
     model: str = opt("", help="the new model: hub id, local path, 'gemma3-270m', 'tiny:<arch>', ...")
     tag: str | None = opt(None, help="its tag (default: derived from the spec, e.g. tiny:gpt2 → tiny-gpt2)")
     layer: int | None = opt(None, help="layer K = output of decoder block K (0-based) = hidden_states[K+1]; default (2*n_layers)//3")
-    bundle: str = opt("", help="universal bundle to add the model to (its trunk is not touched)")
+    nla: str = opt("", help="universal bundle to add the model to (its trunk is not touched)")
     data: str = opt("", help="universal extraction folder (the new model is extracted on its passages)")
     source: str = opt("positions", help="enc pairs: 'positions' or 'pooled'")
     ridge: float = opt(0.0, help="relative ridge for enc")
@@ -424,14 +424,14 @@ class AddModelConfig:
 
 def add_model(cfg: AddModelConfig) -> dict[str, Any]:
     """extract → fit-enc → fit-dec → eval for one new model; the trunk is never retrained."""
-    if not (cfg.model and cfg.bundle and cfg.data):
-        raise NLAError("add-model: MODEL, --bundle and --data are required")
+    if not (cfg.model and cfg.nla and cfg.data):
+        raise NLAError("add-model: MODEL, --nla and --data are required")
     tag = cfg.tag or default_tag(cfg.model)
     data = UniversalData(cfg.data)
-    bundle_meta = read_yaml(Path(cfg.bundle) / META_NAME) if (Path(cfg.bundle) / META_NAME).exists() else {}
+    bundle_meta = read_yaml(Path(cfg.nla) / META_NAME) if (Path(cfg.nla) / META_NAME).exists() else {}
     if tag in ((bundle_meta.get("extra") or {}).get("universal") or {}).get("models", {}) and \
             bundle_meta["extra"]["universal"]["models"][tag].get("trained"):
-        raise NLAError(f"{cfg.bundle}: {tag!r} is a training model of this bundle; add-model is for new models")
+        raise NLAError(f"{cfg.nla}: {tag!r} is a training model of this bundle; add-model is for new models")
     extract_model(data, tag, cfg.model, cfg.layer, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device,
                   docs_per_shard=int((data.dataset(data.anchor).meta.sampling or {}).get("docs_per_shard", 256)))
     data = UniversalData(cfg.data)
@@ -439,7 +439,7 @@ def add_model(cfg: AddModelConfig) -> dict[str, Any]:
     _print_fit("fit-enc", tag, enc)
     save_enc(data.root / ADAPTERS, tag, enc, {"anchor": data.anchor, "source": cfg.source, "ridge": cfg.ridge,
                                               "driver": cfg.driver})
-    u = UniversalNLA.from_pretrained(cfg.bundle, device=cfg.device)
+    u = UniversalNLA.from_pretrained(cfg.nla, device=cfg.device)
     if enc.layer.out_features != u.d_shared:
         raise NLAError(f"{cfg.data}: the anchor has width {enc.layer.out_features}, the bundle's d_shared is {u.d_shared}")
     native = fit_rows(_split_vectors(data, tag, train=True), cfg.dec_rows, cfg.seed)
@@ -447,7 +447,7 @@ def add_model(cfg: AddModelConfig) -> dict[str, Any]:
                   max_new_tokens=cfg.max_new_tokens)
     _print_fit("fit-dec", tag, dec)
     info = {**_model_info(data, tag), "trained": False, "fit_enc": enc.report(), "fit_dec": dec.report()}
-    register_maps(Path(cfg.bundle), tag, enc.layer, dec.layer, info)
+    register_maps(Path(cfg.nla), tag, enc.layer, dec.layer, info)
     u.add_model(tag, enc.layer, dec.layer, info)
     row = evaluate_model(u, data, tag, rows=cfg.eval_rows, max_new_tokens=cfg.max_new_tokens)
     print(format_table([row]))
