@@ -107,12 +107,13 @@ def clear_explanations(data_dir: Path) -> None:
 
 
 def _sft_estimate(sft: Any) -> float:
-    """Seconds, from the embedded default on 2 CPU cores (8-row steps: AV ~7.5 s, AR ~2.2 s)."""
+    """Seconds, from the embedded default on 2 CPU cores (8-row steps with short lens labels:
+    AV ~4.1 s, AR ~1.6 s; docs/benchmarks.md, "Main job")."""
     if sft.max_steps is None:
         return 1200.0
     ar_steps = sft.ar_max_steps if sft.ar_max_steps is not None else sft.max_steps
     scale = sft.batch_size * sft.grad_accum / 8
-    return 60.0 + scale * (7.5 * sft.max_steps + 2.2 * ar_steps)
+    return 90.0 + scale * (4.1 * sft.max_steps + 1.6 * ar_steps)
 
 
 def _rl_estimate(rl: Any) -> float:
