@@ -44,7 +44,7 @@ GPU_RUN: dict[str, Any] = {
     "extract": {"docs": 352, "positions_per_doc": 16, "seq_len": 256, "batch_size": 64,
                 "split": "av_sft=0.4,ar_sft=0.25,rl=0.2,eval=0.15"},
     "label": {"batch_size": 128},
-    "sft": {"precision": "bf16", "batch_size": 32, "max_steps": 300, "ar_max_steps": 600, "lr": 1e-3,
+    "sft": {"dtype": "bfloat16", "batch_size": 32, "max_steps": 300, "ar_max_steps": 600, "lr": 1e-3,
             "ar_lr": 2e-3, "head_lr": 5e-3, "max_length": 192, "eval_every": 0, "save_every": 0,
             "eval_rows": 256},
     "rl_train": {"dtype": "bfloat16", "steps": 12, "batch_size": 16, "group_size": 8, "max_new_tokens": 112,

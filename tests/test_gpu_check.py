@@ -29,7 +29,8 @@ def test_plan_resolves_every_stage_at_gpu_settings(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     for stage in ("extract", "label", "sft", "rl", "eval"):
         assert f"\n  {stage}: {{" in res.stdout
-    assert '"precision": "bf16"' in res.stdout and '"dtype": "bfloat16"' in res.stdout
+    sft_line = res.stdout.split("\n  sft: ", 1)[1].splitlines()[0]
+    assert '"dtype": "bfloat16"' in sft_line and "precision" not in res.stdout
     assert not (tmp_path / "w").exists()  # a plan writes nothing
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,7 +17,7 @@ import pytest
 import torch
 from conftest import make_dataset
 
-from nla.data.store import ActivationDataset, make_table
+from nla.data.store import VECTOR_COLUMN, ActivationDataset, arrow_to_vectors, make_table
 from nla.errors import NLAError
 from nla.train.loop import latest_checkpoint, read_metrics
 from nla.train.sft import (
@@ -180,19 +181,35 @@ def test_ar_beats_mean_baseline_and_av_loss_falls(labelled: Path, tmp_path: Path
 
 
 def test_one_process_can_train_in_fp32_then_in_bf16(tmp_path: Path) -> None:
-    """accelerate's per-process state would refuse a second run with another precision."""
+    """accelerate's per-process state would refuse a second run with another precision;
+    `--dtype float32|bfloat16` maps to accelerate's mixed precision "no"|"bf16"."""
     from nla.train.sft import make_accelerator
 
     assert make_accelerator(cfg_for(tmp_path, tmp_path / "a")).mixed_precision == "no"
-    assert make_accelerator(cfg_for(tmp_path, tmp_path / "b", precision="bf16")).mixed_precision == "bf16"
+    assert make_accelerator(cfg_for(tmp_path, tmp_path / "b", dtype="bfloat16")).mixed_precision == "bf16"
     assert make_accelerator(cfg_for(tmp_path, tmp_path / "c")).mixed_precision == "no"
+
+
+def test_dtype_takes_the_shared_spelling_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--dtype` is checked when flags are read (a Literal field): the retired `--precision bf16`
+    spelling and a dtype SFT cannot train in are one-line errors naming the flag."""
+    from nla.cli import main
+
+    base = ["train", "sft", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")]
+    assert main([*base, "--dtype", "bf16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--dtype: expected one of float32, bfloat16, got 'bf16'"), err
+    with pytest.raises(SystemExit):
+        main([*base, "--precision", "bf16"])  # the retired flag is gone
+    assert "unrecognized arguments: --precision" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_value_head_fp32_under_bf16_full_finetune(labelled: Path, tmp_path: Path) -> None:
     from nla.bundle import NLA
 
     run = tmp_path / "bf16"
-    train_sft(cfg_for(labelled, run, lora=False, precision="bf16", max_steps=2, grad_accum=2,
+    train_sft(cfg_for(labelled, run, lora=False, dtype="bfloat16", max_steps=2, grad_accum=2,
                       gradient_checkpointing=True), ["ar"])
     nla = NLA.from_pretrained(run)
     assert nla.meta.ar_format == "full" and nla.ar.value_head.weight.dtype == torch.float32
@@ -325,8 +342,8 @@ def test_unlabelled_dataset_and_bad_settings_are_one_line_errors(tiny_dataset: P
                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].endswith("run `nla label --data " + str(tiny_dataset) + "` first")
-    with pytest.raises(NLAError, match="precision"):
-        train_sft(cfg_for(tiny_dataset, tmp_path / "p", precision="fp8"))
+    with pytest.raises(NLAError, match="dtype: expected one of float32, bfloat16, got 'fp8'"):
+        train_sft(cfg_for(tiny_dataset, tmp_path / "p", dtype="fp8"))
     with pytest.raises(NLAError, match="dataset not found"):
         train_sft(cfg_for(tmp_path / "missing", tmp_path / "q"))
     with pytest.raises(NLAError, match="--eval-split 'test' is not a split"):
@@ -345,3 +362,110 @@ def test_load_in_4bit_is_a_one_line_error_on_cpu(labelled: Path, tmp_path: Path)
     assert not out.exists()
     with pytest.raises(NLAError, match="--no-lora"):
         train_sft(cfg_for(labelled, tmp_path / "full", lora=False, load_in_4bit=True))
+
+
+# ---------------------------------------------------------------- the output guard and a failed start
+def test_run_folder_guard_is_the_shared_one(labelled: Path, tmp_path: Path) -> None:
+    """SFT uses nla.config.claim_output like RL: another folder's files are refused without
+    --force and kept with it; --force over an earlier run removes only that run's files (no stale
+    checkpoint survives); a resume may change only RESUME_FREE settings; an activation dataset
+    is never written into; a run saved with the retired names (init, precision) still resumes."""
+    from nla.config import config_to_dict, save_config
+    from nla.meta import write_yaml
+    from nla.train.sft import RESUME_FREE, claim_run_dir
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine\n")
+    with pytest.raises(NLAError, match="is not an output of nla train sft"):
+        claim_run_dir(cfg_for(labelled, notes), ["av", "ar"])
+    claim_run_dir(cfg_for(labelled, notes, force=True), ["av", "ar"])
+    assert (notes / "notes.txt").read_text() == "mine\n"
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "ar-0000002").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "notes.txt").write_text("mine\n")
+    old = cfg_for(labelled, run)
+    save_config(old, run / "train_config.yaml")
+    with pytest.raises(NLAError, match="pass --resume to continue it or --force"):
+        claim_run_dir(old, ["av", "ar"])
+    assert {"device", "force", "save_every"} <= RESUME_FREE
+    claim_run_dir(cfg_for(labelled, run, resume=True, save_every=5), ["av", "ar"])
+    with pytest.raises(NLAError, match=re.escape("started with lr=0.001, this resume asks for 0.002")):
+        claim_run_dir(cfg_for(labelled, run, resume=True, lr=2e-3), ["av", "ar"])
+    claim_run_dir(cfg_for(labelled, run, force=True), ["av", "ar"])
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    saved = {k: v for k, v in config_to_dict(cfg_for(labelled, legacy, dtype="bfloat16")).items()
+             if k not in ("nla", "dtype")}
+    write_yaml(legacy / "train_config.yaml", {**saved, "init": None, "precision": "bf16"})
+    claim_run_dir(cfg_for(labelled, legacy, dtype="bfloat16", resume=True), ["av", "ar"])
+    with pytest.raises(NLAError, match="started with dtype='bfloat16', this resume asks for 'float32'"):
+        claim_run_dir(cfg_for(labelled, legacy, resume=True), ["av", "ar"])
+    with pytest.raises(NLAError, match="holds an activation dataset"):
+        claim_run_dir(cfg_for(labelled, labelled, force=True), ["av", "ar"])
+
+
+def test_nla_bundle_must_fit_the_dataset_and_a_failed_start_does_not_block_the_rerun(
+        labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--nla BUNDLE` (a start bundle) is checked against the dataset's d_model and layer, one line
+    naming both values; the failed start leaves no train_config.yaml, so the same command run
+    again fails for the same reason instead of asking for --resume (issue 19)."""
+    from nla.bundle import NLA
+    from nla.cli import main
+
+    narrow, other_layer = tmp_path / "gpt2", tmp_path / "layer0"
+    NLA.initialize("tiny:gpt2", device="cpu").save_pretrained(narrow)  # d_model 32, the dataset's is 64
+    NLA.initialize("tiny:gemma", layer=0, device="cpu").save_pretrained(other_layer)  # the dataset reads layer 2
+    layer = ActivationDataset.open(labelled).meta.layer_index
+    assert layer != 0
+    out = tmp_path / "run"
+    capsys.readouterr()  # the bundles' save progress bars
+    cases = [(narrow, f"dataset {labelled} has d_model=64, bundle {narrow} has d_model=32"),
+             (other_layer, f"dataset {labelled} is layer {layer}, bundle {other_layer} reads layer 0")]
+    for bundle, message in cases:
+        for _ in range(2):  # the re-run meets the same error, not "pass --resume"
+            argv = ["train", "ar", "--data", str(labelled), "--out", str(out), "--nla", str(bundle),
+                    "--device", "cpu", "--no-progress", "--max-steps", "1"]
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and err.endswith(message), err
+            assert not (out / "train_config.yaml").exists()
+    # A start bundle that fits trains, and the run records it under the new name.
+    fits = tmp_path / "fits"
+    NLA.initialize(dataset=str(labelled), device="cpu").save_pretrained(fits)
+    train_sft(cfg_for(labelled, out, nla=str(fits), max_steps=1), ["ar"])
+    from nla.meta import read_yaml
+
+    saved = read_yaml(out / "train_config.yaml")
+    assert saved["nla"] == str(fits) and saved["dtype"] == "float32" and "init" not in saved
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "zero"])
+@pytest.mark.parametrize("target", ["ar", "av"])
+def test_degenerate_training_vectors_are_refused_naming_the_dataset(
+        labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str, target: str) -> None:
+    """NaN, inf or all-zero vectors in the training split stop `train ar|av` before anything is
+    written, in one line naming the dataset and the split (nla.models.injection.check_vectors);
+    `train ar` used to train through them and end with NaN scores."""
+    from nla.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(labelled, data)
+    ds = ActivationDataset.open(data)
+    split = f"{target}_sft"
+    shard, table = next((sh, t) for sh, t in ds.iter_shards() if split in t.column("split").to_pylist())
+    row = table.column("split").to_pylist().index(split)
+    vectors = torch.from_numpy(arrow_to_vectors(table.column(VECTOR_COLUMN), ds.d_model).copy())
+    vectors[row] = {"nan": float("nan"), "inf": float("inf"), "zero": 0.0}[bad]
+    rows = {c: table.column(c).to_pylist() for c in ("doc_id", "position", "context", "split", "explanation")}
+    ds.replace_shard(shard, make_table(rows, vectors, ds.d_model))
+    out = tmp_path / "run"
+    assert main(["train", target, "--data", str(data), "--out", str(out), "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    want = "is all zeros" if bad == "zero" else "contains NaN or inf"
+    assert len(err.splitlines()) == 1 and f"{data}: split '{split}'" in err and want in err, err
+    assert not out.exists()

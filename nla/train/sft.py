@@ -28,24 +28,32 @@ from typing import Any, Literal
 import torch
 
 from nla import metrics
-from nla.config import config_to_dict, opt
+from nla.config import BUNDLE_ENTRIES, claim_output, config_to_dict, opt, validate
 from nla.errors import NLAError
-from nla.meta import read_yaml
+from nla.meta import read_yaml, write_yaml
+from nla.models.injection import check_vectors
 from nla.models.loading import check_4bit_available, load_in_4bit
 from nla.train import loop
 
 TARGETS = ("av", "ar")
 CONFIG_FILE = "train_config.yaml"
 # Settings that may change between a run and its resume without changing its results.
-RESUME_FREE = {"resume", "progress", "device", "tensorboard", "wandb", "wandb_project", "stop_after_steps",
-               "save_every", "keep_checkpoints"}
+RESUME_FREE = frozenset({"resume", "force", "progress", "device", "tensorboard", "wandb", "wandb_project",
+                         "stop_after_steps", "save_every", "keep_checkpoints"})
+# What an SFT run writes into --out: --force removes exactly these (nla.config.claim_output).
+SFT_OWNED = (*BUNDLE_ENTRIES, CONFIG_FILE, loop.METRICS_FILE, loop.PLOT_FILE, loop.CHECKPOINTS, "tensorboard", "wandb")
+# Settings renamed by the one config contract (docs/design.md §1): a run saved before the
+# rename still resumes (its train_config.yaml is read with the new names).
+_RENAMED = {"init": "nla", "precision": "dtype"}
+_OLD_PRECISION = {"fp32": "float32", "bf16": "bfloat16"}
+SPLIT_OF = {"av": "av_sft", "ar": "ar_sft"}
 
 
 @dataclass
 class SFTConfig:
     data: str = opt("", help="activation dataset folder with explanations (`nla label` fills them)")
     out: str = opt("", help="run folder: final bundle, checkpoints/, metrics.jsonl, curves.png, train_config.yaml")
-    init: str | None = opt(None, help="start from this bundle (a previous run); default: a fresh bundle from --data's base model")
+    nla: str | None = opt(None, help="start from this bundle (a previous run); default: a fresh bundle from --data's base model")
     model: str | None = opt(None, help="base model for a fresh bundle (default: the dataset's)")
     lora: bool = opt(True, help="train LoRA adapters (--no-lora: full fine-tuning)")
     lora_r: int = opt(16, help="LoRA rank")
@@ -54,11 +62,13 @@ class SFTConfig:
     lora_target_modules: list[str] = opt([], help="module names to adapt (default: all linear layers)")
     use_rslora: bool = opt(False, help="rank-stabilised LoRA scaling (alpha / sqrt(r))")
     injection_mode: Literal["replace", "add"] = opt("replace", help="how a fresh bundle's AV reads the vector: replace (the marker's embedding, the paper's) "
-                              "or add (Karvonen: added to the output of block --inject-layer); an --init bundle keeps its own")
+                              "or add (Karvonen: added to the output of block --inject-layer); an --nla bundle keeps its own")
     inject_layer: int = opt(1, help="add mode: the block whose output the vector is added to")
     inject_coef: float = opt(1.0, help="add mode: h ← h + coef·‖h‖·v/‖v‖")
     load_in_4bit: bool = opt(False, help="QLoRA: load the base weights in 4-bit NF4 (CUDA + bitsandbytes; LoRA only)")
-    precision: str = opt("fp32", help="fp32, or bf16 (autocast, fp32 master weights; the AR value head stays fp32)")
+    dtype: Literal["float32", "bfloat16"] = opt(
+        "float32", choices=("float32", "bfloat16"),
+        help="float32, or bfloat16 (autocast, fp32 master weights; the AR value head stays fp32)")
     lr: float = opt(2e-4, help="AV learning rate")
     ar_lr: float | None = opt(None, help="AR learning rate (default: --lr)")
     head_lr: float | None = opt(None, help="AR value-head learning rate (default: the AR learning rate)")
@@ -82,6 +92,7 @@ class SFTConfig:
     log_every: int = opt(1, help="write train metrics every N steps")
     seed: int = opt(0, help="seed for data order and initialisation")
     resume: bool = opt(False, help="continue from the last checkpoint in --out (same data order)")
+    force: bool = opt(False, help="start over in an --out that holds a run (or other files): replaces only SFT's own files")
     stop_after_steps: int | None = opt(None, help="stop after this many optimizer steps in this invocation (resume later)")
     device: str = opt("auto", help="cpu, cuda, ... (auto: cuda when available; under accelerate: the process's device)")
     progress: bool = opt(True, help="show a progress bar")
@@ -302,31 +313,73 @@ def labelled(rows: list[dict[str, Any]], vectors: torch.Tensor) -> tuple[list[di
 
 
 # ---------------------------------------------------------------- the run
-def _check_run_dir(cfg: SFTConfig, targets: list[str]) -> None:
-    out = Path(cfg.out)
-    saved = out / CONFIG_FILE
-    if saved.exists():
-        if not cfg.resume:
-            raise NLAError(f"{out}: a training run is already there; pass --resume to continue it or choose another --out")
-        old = read_yaml(saved)
-        new = config_to_dict(cfg)
-        for key in sorted(set(old) | set(new)):
-            if key in RESUME_FREE or key == "targets":
-                continue
-            if old.get(key) != new.get(key):
-                raise NLAError(f"{out}: the run was started with {key}={old.get(key)!r}, this resume asks for "
-                               f"{new.get(key)!r}; resume with the same settings or use another --out")
-        if old.get("targets") not in (None, targets):
-            raise NLAError(f"{out}: the run trains {old.get('targets')}, this command trains {targets}")
-    elif out.exists() and any(p.name != ".bundle.tmp" for p in out.iterdir()) and not cfg.resume:
-        raise NLAError(f"{out}: folder exists and is not an nla training run; choose another --out")
+def _upgrade_saved_config(run: Path) -> None:
+    """Rewrite a train_config.yaml saved before the rename (``init``, ``precision: fp32``) with the
+    new names, so the guard compares like with like and the old run still resumes."""
+    saved = run / CONFIG_FILE
+    if not saved.is_file():
+        return
+    data = read_yaml(saved)
+    if not any(old in data and new not in data for old, new in _RENAMED.items()):
+        return
+    for old, new in _RENAMED.items():
+        if old in data and new not in data:
+            data[new] = data.pop(old)
+    if "dtype" in data:
+        data["dtype"] = _OLD_PRECISION.get(data["dtype"], data["dtype"])
+    write_yaml(saved, data)
+
+
+def claim_run_dir(cfg: SFTConfig, targets: list[str]) -> None:
+    """The shared output guard (nla.config.claim_output) plus SFT's own rule: a resume trains the same targets."""
+    run = Path(cfg.out)
+    _upgrade_saved_config(run)
+    claim_output(run, command="train sft", force=cfg.force, resume=cfg.resume, owned=SFT_OWNED,
+                 config_file=CONFIG_FILE, settings=config_to_dict(cfg), free=RESUME_FREE)
+    saved = run / CONFIG_FILE
+    if cfg.resume and saved.is_file():
+        old = read_yaml(saved).get("targets")
+        if old not in (None, targets):
+            raise NLAError(f"{run}: the run trains {old}, this command trains {targets}")
+
+
+def check_training_data(cfg: SFTConfig, dataset: Any, targets: list[str]) -> None:
+    """What would make a target's training meaningless, refused before anything is written.
+
+    NaN/inf vectors train to NaN scores and all-zero vectors have no direction to learn
+    (docs/design.md, "Key invariants"); a split without explanations has nothing to learn from.
+    """
+    for target in targets:
+        split = SPLIT_OF[target]
+        vectors = dataset.vectors(split)
+        if len(vectors):
+            try:
+                check_vectors(vectors)
+            except NLAError as exc:
+                raise NLAError(f"{cfg.data}: split {split!r}: {exc}; re-extract the dataset") from None
+        del vectors
+        labels = dataset.table(["explanation"], split=split).column("explanation").to_pylist()
+        if not any(labels):
+            raise NLAError(f"{cfg.data}: no labelled rows in split {split!r}; run `nla label --data {cfg.data}` first")
+
+
+def check_bundle_fits(nla: Any, cfg: SFTConfig, dataset: Any) -> None:
+    """An --nla bundle reads the dataset's layer at the dataset's width (one line naming both values)."""
+    meta = nla.meta
+    if dataset.meta.d_model != meta.d_model:
+        raise NLAError(f"dataset {cfg.data} has d_model={dataset.meta.d_model}, bundle {cfg.nla} has "
+                       f"d_model={meta.d_model}")
+    # -1: a dataset written before layers were recorded (nla.data.store); nothing to compare.
+    if dataset.meta.layer_index not in (-1, meta.layer_index):
+        raise NLAError(f"dataset {cfg.data} is layer {dataset.meta.layer_index}, bundle {cfg.nla} reads layer "
+                       f"{meta.layer_index}")
 
 
 def make_accelerator(cfg: SFTConfig) -> Any:
     from accelerate import Accelerator
 
-    if cfg.precision not in ("fp32", "bf16"):
-        raise NLAError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise NLAError(f"dtype: expected one of float32, bfloat16, got {cfg.dtype!r}")
     # accelerate keeps one state per process, fixed by the first Accelerator: a second run in
     # the same process (the Python API) with another precision or device would be refused.
     # Reset the per-run settings; keep the process group of a distributed launch.
@@ -336,7 +389,7 @@ def make_accelerator(cfg: SFTConfig) -> Any:
     single = PartialState._shared_state.get("distributed_type", DistributedType.NO) == DistributedType.NO
     AcceleratorState._reset_state(reset_partial_state=single)
     GradientState._reset_state()
-    return Accelerator(cpu=cfg.device == "cpu", mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+    return Accelerator(cpu=cfg.device == "cpu", mixed_precision="bf16" if cfg.dtype == "bfloat16" else "no")
 
 
 def lora_settings(cfg: SFTConfig) -> Any:
@@ -354,16 +407,18 @@ def _load(cfg: SFTConfig, path: Path, device: torch.device) -> Any:
         return NLA.from_pretrained(path, device=str(device), is_trainable=True)
 
 
-def start_bundle(cfg: SFTConfig, device: torch.device) -> Any:
+def start_bundle(cfg: SFTConfig, device: torch.device, dataset: Any = None) -> Any:
     with load_in_4bit(cfg.load_in_4bit, device):
-        return _start_bundle(cfg, device)
+        return _start_bundle(cfg, device, dataset)
 
 
-def _start_bundle(cfg: SFTConfig, device: torch.device) -> Any:
+def _start_bundle(cfg: SFTConfig, device: torch.device, dataset: Any = None) -> Any:
     from nla.bundle import NLA
 
-    if cfg.init:
-        nla = NLA.from_pretrained(cfg.init, device=str(device), is_trainable=True)
+    if cfg.nla:
+        nla = NLA.from_pretrained(cfg.nla, device=str(device), is_trainable=True)
+        if dataset is not None:
+            check_bundle_fits(nla, cfg, dataset)
         if cfg.lora and nla.meta.av_format != "peft":
             nla.add_lora(lora_settings(cfg))
         return nla
@@ -382,6 +437,7 @@ def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
     for t in targets:
         if t not in TARGETS:
             raise NLAError(f"unknown training target {t!r} (choose from {', '.join(TARGETS)})")
+    validate(cfg, "train")  # the Python API gets the same checks as flags and YAML
     if not cfg.data:
         raise NLAError("train: --data is required")
     if not cfg.out:
@@ -395,21 +451,25 @@ def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
             raise NLAError("--load-in-4bit trains LoRA adapters on frozen 4-bit weights; --no-lora cannot update them")
         check_4bit_available(cfg.device)  # before anything is written
     dataset = ActivationDataset.open(cfg.data)
+    check_training_data(cfg, dataset, targets)
     accelerator = make_accelerator(cfg)
     device = accelerator.device
     run = Path(cfg.out)
     if accelerator.is_main_process:
-        _check_run_dir(cfg, targets)
+        claim_run_dir(cfg, targets)
+    # The start bundle loads before the run's settings are saved: a start that fails (a bundle
+    # that does not load or does not fit the dataset) leaves no train_config.yaml behind, so the
+    # same command run again is not refused with "pass --resume" (docs/guarantees.md).
+    resuming = cfg.resume and any(loop.latest_checkpoint(run, t) is not None for t in targets)
+    nla: Any = None if resuming else start_bundle(cfg, device, dataset)
+    if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
         data = config_to_dict(cfg)
         data["targets"] = targets
-        from nla.meta import write_yaml
-
         write_yaml(run / CONFIG_FILE, data)
     accelerator.wait_for_everyone()
     logger = loop.MetricsLogger(run, tensorboard=cfg.tensorboard, wandb=cfg.wandb, wandb_project=cfg.wandb_project,
                                 enabled=accelerator.is_main_process)
-    nla: Any = None
     done_ck: Path | None = None
     budget = [cfg.stop_after_steps]  # shared across phases: steps left in this invocation
     try:
@@ -421,8 +481,7 @@ def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
             if ck is not None:
                 nla = _load(cfg, ck, device)
             elif nla is None:
-                nla = _load(cfg, done_ck, device) if done_ck else \
-                    start_bundle(cfg, device)
+                nla = _load(cfg, done_ck, device) if done_ck else start_bundle(cfg, device, dataset)
             if is_fsdp(accelerator):
                 # FSDP flattens and shards each wrapped model's parameters in place; a tensor
                 # the other model also points at would be torn out from under it.
