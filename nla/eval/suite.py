@@ -39,6 +39,7 @@ from nla.config import opt
 from nla.data.store import SPLITS, VECTOR_COLUMN, ActivationDataset, arrow_to_vectors
 from nla.errors import NLAError
 from nla.eval import baselines, probes
+from nla.models.loading import check_4bit_available, load_in_4bit
 
 SCHEMA_VERSION = 1
 KIND = "nla_eval"
@@ -74,6 +75,8 @@ class EvalConfig:
     html_samples: int = opt(500, help="most samples shown in index.html (samples.jsonl has all)")
     device: str = opt("auto", help="cpu, cuda, ... (auto: cuda when available)")
     dtype: str = opt("float32", help="model dtype")
+    load_in_4bit: bool = opt(False, help="load the base weights in 4-bit NF4 (CUDA + bitsandbytes), as `train sft|rl "
+                             "--load-in-4bit`; adapters then stay unmerged")
     progress: bool = opt(True, help="show progress bars")
     tensorboard: bool = opt(False, help="also log the headline numbers to TensorBoard (OUT/tensorboard) if installed")
     wandb: bool = opt(False, help="also log them to Weights & Biases if installed (key from WANDB_API_KEY)")
@@ -710,12 +713,18 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     from nla.train.loop import check_logging_backends
 
     check_logging_backends(cfg.tensorboard, cfg.wandb)  # a missing package fails before the work
+    if cfg.load_in_4bit:
+        check_4bit_available(cfg.device)  # one line before the report folder is made
     ds = ActivationDataset.open(cfg.data)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "eval_config.yaml")
-    nla = NLA.from_pretrained(cfg.nla, dtype=cfg.dtype, device=cfg.device)
-    nla.merge_adapters()  # eval never trains: merged LoRA generates faster
+    with load_in_4bit(cfg.load_in_4bit, cfg.device):
+        nla = NLA.from_pretrained(cfg.nla, dtype=cfg.dtype, device=cfg.device)
+    if not cfg.load_in_4bit:
+        # Eval never trains: merged LoRA generates faster. Not on 4-bit weights, where merging
+        # would dequantise the base (and round the adapters into NF4).
+        nla.merge_adapters()
     teacher = make_eval_teacher(cfg, nla.meta.base_model)
     fingerprint = bundle_fingerprint(cfg.nla) if Path(cfg.nla).is_dir() else str(cfg.nla)
     result = evaluate(nla, ds, cfg, cache_dir=out / "cache", fingerprint=fingerprint, teacher=teacher)
