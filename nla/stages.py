@@ -68,7 +68,7 @@ def make_stages(cfg: RunConfig) -> list[Stage]:
 
     # resume=True: an interrupted training stage continues from its last checkpoint.
     sft = _resolve(SFTConfig, {**shared, "data": str(data_dir), "out": str(sft_dir), "resume": True}, cfg.sft, "sft")
-    stages.append(Stage("sft", _settings(sft, ("data", "out", "device", "resume", "progress")), lambda: train_sft(sft), sft_dir,
+    stages.append(Stage("sft", _settings(sft, ("data", "out", "device", "resume", "force", "progress")), lambda: train_sft(sft), sft_dir,
                         estimate_s=_sft_estimate(sft), estimate_mb=60, depends=["label"]))
     # The SFT bundle is always evaluated: with RL it is the baseline RL must beat, on the same
     # rows with the same settings.
