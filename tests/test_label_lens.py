@@ -78,6 +78,10 @@ def test_lens_features_are_true(tiny_dataset: Path) -> None:
     # the short style states the same facts without the sentences around them
     assert teacher.short_ending(ctx) == 'ends "tree of nodes and"'
     assert teacher.short_ending("a list:\n") == 'ends "a list:" then a line break'
+    # every short feature has the three words the strict parser asks for, even at the edges
+    for edge in ("word", "word ", "  ", ""):
+        features = [teacher.short_ending(edge), teacher.short_next(tops[0]), teacher.short_topic(edge)]
+        assert parse_analysis("<analysis>\n" + "\n".join(f"- {f}" for f in features) + "\n</analysis>") == features
     assert teacher.short_next(tops[0]).startswith("predicts " + teacher._token(tops[0][0][0]))
     assert teacher.short_topic(ctx).startswith('about "parser"')
 

@@ -184,9 +184,13 @@ class LensTeacher(Teacher):
         return _quote(text.split())
 
     # ------------------------------------------------------------------ the features
-    def distinctive(self, context: str, k: int = 3) -> str:
+    def _ranked(self, context: str, k: int) -> list[str]:
+        """The context's k highest tf-idf words (ties broken alphabetically, so deterministic)."""
         tf = Counter(words_of(context))
-        ranked = sorted(tf, key=lambda w: (-tf[w] * self._idf.get(w, self._default_idf), w))[:k]
+        return sorted(tf, key=lambda w: (-tf[w] * self._idf.get(w, self._default_idf), w))[:k]
+
+    def distinctive(self, context: str, k: int = 3) -> str:
+        ranked = self._ranked(context, k)
         quoted = [_quote([w]) for w in ranked]
         if len(quoted) >= 3:
             return (f"Its most distinctive words, compared with the rest of the corpus, are "
@@ -242,6 +246,8 @@ class LensTeacher(Teacher):
         if not words:
             return "ends in whitespace only"
         text = f"ends {_quote(words[-n_words:])}"
+        if len(words) == 1:
+            text += " at the start"  # a feature needs three words to parse (label/prompt.py)
         trailing = context[len(context.rstrip()):]
         if trailing:
             text += " then a " + ("line break" if "\n" in trailing else "space")
@@ -257,8 +263,7 @@ class LensTeacher(Teacher):
 
     def short_topic(self, context: str, k: int = 3) -> str:
         """The passage's most distinctive words, without a sentence around them."""
-        tf = Counter(words_of(context))
-        ranked = sorted(tf, key=lambda w: (-tf[w] * self._idf.get(w, self._default_idf), w))[:k]
+        ranked = self._ranked(context, k)
         if not ranked:
             return "about symbols and numbers"
         quoted = ", ".join(_quote([w]) for w in ranked)
