@@ -160,8 +160,9 @@ def identity_head(d: int) -> nn.Linear:
     return layer
 
 
-def config_layers(folder: Path) -> int:
-    """``num_hidden_layers`` from a model folder's config.json, read as data (no code)."""
+
+def _text_config(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """A model folder's config.json read as data (the text model's part for multimodal ones)."""
     import json
 
     path = folder / "config.json"
@@ -171,7 +172,11 @@ def config_layers(folder: Path) -> int:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise NLAError(f"{path}: malformed JSON ({first_line(exc)})") from None
-    cfg = cfg.get("text_config") or cfg
+    return path, cfg.get("text_config") or cfg
+
+def config_layers(folder: Path) -> int:
+    """``num_hidden_layers`` from a model folder's config.json, read as data (no code)."""
+    path, cfg = _text_config(folder)
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(cfg.get(name), int):
             return int(cfg[name])
@@ -180,20 +185,11 @@ def config_layers(folder: Path) -> int:
 
 def config_width(folder: Path) -> int:
     """``hidden_size`` from a model folder's config.json (read as data)."""
-    import json
-
-    path = folder / "config.json"
-    if not path.exists():
-        raise NLAError(f"{folder}: no config.json")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise NLAError(f"{path}: malformed JSON ({first_line(exc)})") from None
-    cfg = cfg.get("text_config") or cfg
+    path, cfg = _text_config(folder)
     for name in ("hidden_size", "n_embd", "d_model"):
         if isinstance(cfg.get(name), int):
             return int(cfg[name])
-    raise NLAError(f"{folder / 'config.json'}: no hidden_size")
+    raise NLAError(f"{path}: no hidden_size")
 
 
 def check_width(d_model: int, folders: list[Path], where: str | Path, field: str = "d_model") -> None:
