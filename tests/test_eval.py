@@ -152,6 +152,33 @@ def test_planted_answer_scores_one(labelled: tuple[Path, Path], tmp_path: Path) 
     assert m["round_trip"]["best_of_k"] is None
 
 
+def test_blocks_run_alone_and_match_the_full_report(labelled: tuple[Path, Path], report: Path) -> None:
+    """Each block of `evaluate` runs on its own from the shared inputs and gives the number the
+    full suite wrote; skipping the slow blocks changes none of the others."""
+    from nla.bundle import NLA
+    from nla.data.store import ActivationDataset
+    from nla.eval import suite
+
+    data, bundle = labelled
+    full = json.loads((report / "metrics.json").read_text())
+    nla = NLA.from_pretrained(bundle, device="cpu")
+    ds = ActivationDataset.open(data)
+    cfg = suite.EvalConfig(max_new_tokens=8, best_of=2, bootstrap=100, progress=False)
+    inp = suite.prepare_inputs(nla, ds, cfg)
+    alone, per_row = suite.ar_alone_block(inp)
+    assert json.loads(json.dumps(alone)) == full["ar_alone"]
+    assert len(per_row) == full["dataset"]["labelled_rows"]
+
+    skipped = suite.EvalConfig(max_new_tokens=8, best_of=0, bootstrap=100, probes=False, causal=False, progress=False)
+    m = json.loads(json.dumps(suite.evaluate(nla, ds, skipped).metrics))
+    assert m["probes"] == {"enabled": False} and m["causal"] == {"enabled": False}
+    assert m["round_trip"]["best_of_k"] is None
+    for key in ("ar_alone", "baselines", "breakdowns"):
+        assert m[key] == full[key], key
+    assert {k: v for k, v in m["round_trip"].items() if k != "best_of_k"} == \
+        {k: v for k, v in full["round_trip"].items() if k != "best_of_k"}
+
+
 def test_compare_prints_side_by_side(report: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     other = tmp_path / "other"
     other.mkdir()

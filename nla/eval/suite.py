@@ -13,6 +13,11 @@ change that breaks a reader):
 6. explanation quality: lengths, distinct rate, unparseable rate, opening phrases, judge;
 7. breakdowns by document, position bucket and category columns.
 
+Each is one function (``ar_alone_block``, ``round_trip_block``, ``best_of_k_block``,
+``baselines_block``, ``probes_block``, ``causal_block``, ``quality_block``, ``breakdowns_block``)
+over the shared :class:`EvalInputs` from :func:`prepare_inputs`, so it can be run, tested or
+skipped alone; :func:`evaluate` composes them into metrics.json.
+
 Every metric comes from :mod:`nla.metrics`; this module only decides what is compared with
 what. AV generations, the slow part, are cached under ``REPORT/cache/`` chunk by chunk, keyed
 by the bundle's files and the generation settings, so a killed or repeated run resumes.
@@ -338,20 +343,63 @@ def sampled_token(tokenizer: Any, context: str | None) -> str:
 
 
 # --------------------------------------------------------------------------- the suite
-def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Path | None = None,
-             fingerprint: str = "", teacher: Any = None) -> EvalResult:
-    """Run every measurement of the module docstring on ``cfg.split`` of ``ds``."""
-    from nla import __version__
+@dataclass
+class EvalInputs:
+    """What every block reads: the rows being scored, their vectors, μ and B, the run's settings.
 
-    timing: dict[str, float] = {}
-    notes: list[str] = []
-    t0 = time.perf_counter()
+    Built once by :func:`prepare_inputs`; each block below takes it (plus the outputs of the
+    blocks it depends on) and returns its part of metrics.json, so a block can be run, tested or
+    skipped alone."""
 
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timing[name] = round(now - since, 3)
-        return now
+    nla: Any
+    ds: ActivationDataset
+    cfg: EvalConfig
+    sel: EvalRows
+    mean: torch.Tensor
+    mean_source: str
+    b_all: torch.Tensor  # B over the rows scored (docs/design.md §6), shared by every per-row FVE
+    keys: list[str]
+    labelled: list[int]  # indices of rows with a teacher label
+    cache_dir: Path | None = None
+    fingerprint: str = ""
+    teacher: Any = None
 
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.sel.rows
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.sel.vectors
+
+    @property
+    def n(self) -> int:
+        return len(self.sel.rows)
+
+
+@dataclass
+class RoundTrip:
+    """The greedy AV → AR round trip, per row; the blocks after it compare against it."""
+
+    answers: list[dict[str, Any]]
+    texts: list[str]  # what the AR read (:func:`answer_text`)
+    pred: torch.Tensor
+    fve: torch.Tensor
+    mse: torch.Tensor
+    cos: torch.Tensor
+    hits: torch.Tensor
+
+
+@dataclass
+class BestOfK:
+    block: dict[str, Any] | None  # None when --best-of 0
+    texts: list[str] | None = None
+    fve: torch.Tensor | None = None
+
+
+def prepare_inputs(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Path | None = None,
+                   fingerprint: str = "", teacher: Any = None) -> EvalInputs:
+    """Check the bundle against the dataset and the settings, select the rows, choose μ."""
     if ds.meta.d_model != nla.meta.d_model:
         raise NLAError(f"dataset {ds.path} has d_model={ds.meta.d_model}, bundle has {nla.meta.d_model}")
     if ds.meta.layer_index >= 0 and ds.meta.layer_index != nla.meta.layer_index:
@@ -362,8 +410,7 @@ def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Pat
         raise NLAError(f"--best-of must be 0 or more, got {cfg.best_of}")
 
     sel = select_rows(ds, cfg.split, cfg.max_rows, cfg.seed, cfg.category_columns or None)
-    rows, target = sel.rows, sel.vectors
-    n = len(rows)
+    n = len(sel.rows)
     if n < 2:
         raise NLAError(f"{ds.path}: split {cfg.split!r} has {n} row; evaluation needs at least 2")
     # Precedence (docs/design.md §7): the bundle's training mean over the dataset's.
@@ -371,143 +418,158 @@ def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Pat
         mean, mean_source = nla.mean_vector.float(), "bundle"
     else:
         mean, mean_source = ds.mean_vector().float(), "dataset"
-    keys = [row_key(r) for r in rows]
-    t = lap("load", t0)
+    return EvalInputs(
+        nla=nla, ds=ds, cfg=cfg, sel=sel, mean=mean, mean_source=mean_source,
+        b_all=metrics.baseline_variance(sel.vectors, mean), keys=[row_key(r) for r in sel.rows],
+        labelled=[i for i, r in enumerate(sel.rows) if r.get("explanation")],
+        cache_dir=cache_dir, fingerprint=fingerprint, teacher=teacher)
 
-    # ---- AR alone on teacher labels
-    labelled = [i for i, r in enumerate(rows) if r.get("explanation")]
-    ar_alone: dict[str, Any]
-    ar_pred = None
-    ar_row_fve: dict[int, float] = {}
-    if labelled:
-        ix = torch.tensor(labelled)
-        ar_pred = reconstruct(nla, [rows[i]["explanation"] for i in labelled], cfg, "ar-alone")
-        ar_alone = {"available": True, "note": None, **metric_block(ar_pred, target[ix], mean, cfg)}
-        if len(labelled) < n:
-            ar_alone["note"] = f"{n - len(labelled)} of {n} rows have no teacher label and are left out"
-        per = metrics.per_row_fve(ar_pred, target[ix], mean)
-        ar_row_fve = {i: float(v) for i, v in zip(labelled, per)}
-    else:
-        ar_alone = {"available": False, "n": 0,
-                    "note": "the dataset has no teacher labels on this split (run `nla label`); AR-alone block skipped"}
-        notes.append(ar_alone["note"])
-    t = lap("ar_alone", t)
 
-    # ---- round trip
-    answers = [a[0] for a in generate_cached(nla, target, keys, n=1, sample=False, cfg=cfg, cache_dir=cache_dir,
-                                             fingerprint=fingerprint, desc="av-greedy")]
+def ar_alone_block(inp: EvalInputs) -> tuple[dict[str, Any], dict[int, float]]:
+    """The AR on the teacher's explanations: (block, per-row FVE by row index)."""
+    n, labelled, target = inp.n, inp.labelled, inp.target
+    if not labelled:
+        return {"available": False, "n": 0,
+                "note": "the dataset has no teacher labels on this split (run `nla label`); AR-alone block skipped"}, {}
+    ix = torch.tensor(labelled)
+    pred = reconstruct(inp.nla, [inp.rows[i]["explanation"] for i in labelled], inp.cfg, "ar-alone")
+    block: dict[str, Any] = {"available": True, "note": None, **metric_block(pred, target[ix], inp.mean, inp.cfg)}
+    if len(labelled) < n:
+        block["note"] = f"{n - len(labelled)} of {n} rows have no teacher label and are left out"
+    per = metrics.per_row_fve(pred, target[ix], inp.mean)
+    return block, {i: float(v) for i, v in zip(labelled, per)}
+
+
+def av_answers(inp: EvalInputs, *, n: int, sample: bool, desc: str) -> list[list[dict[str, Any]]]:
+    """``n`` AV answers per row (greedy or sampled), through the generation cache."""
+    return generate_cached(inp.nla, inp.target, inp.keys, n=n, sample=sample, cfg=inp.cfg, cache_dir=inp.cache_dir,
+                           fingerprint=inp.fingerprint, desc=desc)
+
+
+def round_trip_scores(inp: EvalInputs, answers: list[dict[str, Any]]) -> RoundTrip:
+    """The AR's reconstructions of the AV's greedy answers, scored per row."""
     texts = [answer_text(a) for a in answers]
-    t = lap("generate", t)
-    rt_pred = reconstruct(nla, texts, cfg, "ar-round-trip")
-    round_trip: dict[str, Any] = metric_block(rt_pred, target, mean, cfg)
-    round_trip["n_candidates"] = min(cfg.n_candidates, n)
-    b_all = metrics.baseline_variance(target, mean)
-    rt_fve = metrics.per_row_fve(rt_pred, target, mean, b_all)
-    rt_mse = metrics.mse_nrm(rt_pred, target)
-    rt_cos = metrics.cosine(rt_pred, target)
-    rt_hits = metrics.retrieval_hits(rt_pred, target, cfg.n_candidates, cfg.seed)
-    t = lap("round_trip", t)
+    pred = reconstruct(inp.nla, texts, inp.cfg, "ar-round-trip")
+    target, mean = inp.target, inp.mean
+    return RoundTrip(answers=answers, texts=texts, pred=pred,
+                     fve=metrics.per_row_fve(pred, target, mean, inp.b_all),
+                     mse=metrics.mse_nrm(pred, target), cos=metrics.cosine(pred, target),
+                     hits=metrics.retrieval_hits(pred, target, inp.cfg.n_candidates, inp.cfg.seed))
 
-    best_texts: list[str] | None = None
-    best_fve = None
-    if cfg.best_of > 0:
-        k = cfg.best_of
-        samples_k = generate_cached(nla, target, keys, n=k, sample=True, cfg=cfg, cache_dir=cache_dir,
-                                    fingerprint=fingerprint, desc=f"av-sample{k}")
-        flat = [answer_text(a) for per in samples_k for a in per]
-        pred_k = reconstruct(nla, flat, cfg, "ar-best-of-k")
-        target_k = target.repeat_interleave(k, dim=0)
-        mse_k = metrics.mse_nrm(pred_k, target_k).view(n, k)
-        best = mse_k.argmin(dim=1)
-        pick = torch.arange(n) * k + best
-        best_pred = pred_k[pick]
-        best_texts = [flat[int(j)] for j in pick]
-        best_fve = metrics.per_row_fve(best_pred, target, mean, b_all)
-        round_trip["best_of_k"] = {
-            "k": k, "temperature": cfg.temperature,
-            **metric_block(best_pred, target, mean, cfg),
-            "sample_fve_nrm": metrics.fve_nrm(pred_k, target_k, mean),
-            "sample_unparseable_rate": sum(a["explanation"] is None for per in samples_k for a in per) / (n * k),
-        }
-    else:
-        round_trip["best_of_k"] = None
-    t = lap("best_of_k", t)
 
-    # ---- baselines
-    base_mean = baselines.mean_direction(mean, n)
-    mean_block = metric_block(base_mean, target, mean, cfg)
-    # The round trip's margin over "predict the mean direction", with a paired interval (same
-    # rows resampled for both): the test that the words carry anything at all.
-    margin = rt_fve - metrics.per_row_fve(base_mean, target, mean, b_all)
-    round_trip["vs_mean_direction"] = {
+def round_trip_block(inp: EvalInputs, rt: RoundTrip) -> dict[str, Any]:
+    block = metric_block(rt.pred, inp.target, inp.mean, inp.cfg)
+    block["n_candidates"] = min(inp.cfg.n_candidates, inp.n)
+    return block
+
+
+def best_of_k_block(inp: EvalInputs) -> BestOfK:
+    """k sampled answers per row; the best reconstruction of each row counts."""
+    cfg, n, target, mean = inp.cfg, inp.n, inp.target, inp.mean
+    if cfg.best_of <= 0:
+        return BestOfK(None)
+    k = cfg.best_of
+    samples_k = av_answers(inp, n=k, sample=True, desc=f"av-sample{k}")
+    flat = [answer_text(a) for per in samples_k for a in per]
+    pred_k = reconstruct(inp.nla, flat, cfg, "ar-best-of-k")
+    target_k = target.repeat_interleave(k, dim=0)
+    mse_k = metrics.mse_nrm(pred_k, target_k).view(n, k)
+    pick = torch.arange(n) * k + mse_k.argmin(dim=1)
+    best_pred = pred_k[pick]
+    block = {
+        "k": k, "temperature": cfg.temperature,
+        **metric_block(best_pred, target, mean, cfg),
+        "sample_fve_nrm": metrics.fve_nrm(pred_k, target_k, mean),
+        "sample_unparseable_rate": sum(a["explanation"] is None for per in samples_k for a in per) / (n * k),
+    }
+    return BestOfK(block, [flat[int(j)] for j in pick], metrics.per_row_fve(best_pred, target, mean, inp.b_all))
+
+
+def vs_mean_direction(inp: EvalInputs, rt: RoundTrip) -> dict[str, Any]:
+    """The round trip's margin over "predict the mean direction", with a paired interval (same
+    rows resampled for both): the test that the words carry anything at all."""
+    cfg = inp.cfg
+    base = baselines.mean_direction(inp.mean, inp.n)
+    margin = rt.fve - metrics.per_row_fve(base, inp.target, inp.mean, inp.b_all)
+    return {
         "delta_fve_nrm": float(margin.mean()),
-        "ci95": bootstrap_ci(lambda i: float(margin[i].mean()), n, cfg.bootstrap, cfg.seed + 31) if cfg.bootstrap > 0 else None,
+        "ci95": bootstrap_ci(lambda i: float(margin[i].mean()), inp.n, cfg.bootstrap, cfg.seed + 31) if cfg.bootstrap > 0 else None,
     }
+
+
+def baselines_block(inp: EvalInputs, rt: RoundTrip) -> tuple[dict[str, Any], torch.Tensor]:
+    """Mean direction, shuffled activations and the bag-of-words ridge: (block, the derangement
+    used for the shuffled baseline, which the causal check reuses)."""
+    cfg, target, mean = inp.cfg, inp.target, inp.mean
+    mean_block = metric_block(baselines.mean_direction(mean, inp.n), target, mean, cfg)
     mean_block["check_fve_meannorm_zero"] = bool(abs(mean_block["fve_meannorm"]) < 1e-6)
-    if not mean_block["check_fve_meannorm_zero"]:
-        notes.append(f"CHECK FAILED: mean-direction fve_meannorm is {mean_block['fve_meannorm']:.3g}, expected 0")
-    wrong = derangement([str(r.get("doc_id")) for r in rows], cfg.seed)
-    shuffled = metric_block(rt_pred[wrong], target, mean, cfg)
+    wrong = derangement([str(r.get("doc_id")) for r in inp.rows], cfg.seed)
+    shuffled = metric_block(rt.pred[wrong], target, mean, cfg)
     shuffled["note"] = "each row scored against the AV's explanation of another document's vector"
-    ridge_block = ridge_baseline(ds, nla.meta.d_model, rows, labelled, texts, target, mean, cfg)
-    if not ridge_block["available"]:
-        notes.append(ridge_block["note"])
-    t = lap("baselines", t)
+    ridge_block = ridge_baseline(inp.ds, inp.nla.meta.d_model, inp.rows, inp.labelled, rt.texts, target, mean, cfg)
+    return {"mean_direction": mean_block, "shuffled_activations": shuffled, "bow_ridge": ridge_block}, wrong
 
-    # ---- probes
-    probe_block: dict[str, Any] = {"enabled": cfg.probes}
-    probe_rows: dict[str, Any] = {}
-    if cfg.probes:
-        probe_block, probe_rows = run_probes(nla, texts, target, mean, rt_fve, b_all, cfg, teacher)
-        if probe_block.get("paraphrase_teacher", {}).get("note"):
-            notes.append(probe_block["paraphrase_teacher"]["note"])
-    t = lap("probes", t)
 
-    # ---- causal faithfulness (nla/eval/causal.py)
-    causal_block: dict[str, Any] = {"enabled": False}
-    causal_rows = None
-    if cfg.causal:
-        from nla.eval.causal import causal_faithfulness
+def probes_block(inp: EvalInputs, rt: RoundTrip) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """The faithfulness probes (``{"enabled": False}`` with --no-probes): (block, per-row values)."""
+    if not inp.cfg.probes:
+        return {"enabled": False}, {}
+    return run_probes(inp.nla, rt.texts, inp.target, inp.mean, rt.fve, inp.b_all, inp.cfg, inp.teacher)
 
-        causal_block, causal_rows = causal_faithfulness(
-            nla, [r.get("context") or "" for r in rows], target, rt_pred, mean, texts, shuffled=wrong,
-            claims=cfg.probes, batch_size=cfg.batch_size, progress=cfg.progress)
-        if causal_block.get("note"):
-            notes.append(causal_block["note"])
-    t = lap("causal", t)
 
-    # ---- explanation quality
-    av_quality = quality(texts, answers)
-    av_quality["judge"] = run_judge(teacher, rows, texts, cfg)
-    teacher_quality = quality([rows[i]["explanation"] for i in labelled], None) if labelled else None
-    t = lap("quality", t)
+def causal_block(inp: EvalInputs, rt: RoundTrip, wrong: torch.Tensor) -> tuple[dict[str, Any], Any]:
+    """Causal faithfulness (:mod:`nla.eval.causal`; ``{"enabled": False}`` with --no-causal)."""
+    if not inp.cfg.causal:
+        return {"enabled": False}, None
+    from nla.eval.causal import causal_faithfulness
 
-    # ---- breakdowns
-    breakdowns: dict[str, Any] = {
-        "document": sorted(group_table([r.get("doc_id") for r in rows], rt_fve, rt_mse, rt_cos, ar_row_fve or None),
-                           key=lambda e: -e["fve_nrm"]),
-        "position_bucket": sorted(group_table([position_bucket(r.get("position")) for r in rows], rt_fve, rt_mse,
-                                              rt_cos, ar_row_fve or None), key=lambda e: _bucket_order(e["key"])),
-        "category": {c: sorted(group_table(vals, rt_fve, rt_mse, rt_cos, ar_row_fve or None), key=lambda e: str(e["key"]))
-                     for c, vals in sel.categories.items()},
+    return causal_faithfulness(
+        inp.nla, [r.get("context") or "" for r in inp.rows], inp.target, rt.pred, inp.mean, rt.texts, shuffled=wrong,
+        claims=inp.cfg.probes, batch_size=inp.cfg.batch_size, progress=inp.cfg.progress)
+
+
+def quality_block(inp: EvalInputs, rt: RoundTrip) -> dict[str, Any]:
+    """The AV's explanations (with the optional LLM judge) beside the teacher's."""
+    av_quality = quality(rt.texts, rt.answers)
+    av_quality["judge"] = run_judge(inp.teacher, inp.rows, rt.texts, inp.cfg)
+    teacher = quality([inp.rows[i]["explanation"] for i in inp.labelled], None) if inp.labelled else None
+    return {"av": av_quality, "teacher": teacher}
+
+
+def breakdowns_block(inp: EvalInputs, rt: RoundTrip, ar_row_fve: dict[int, float]) -> dict[str, Any]:
+    """Round-trip (and AR-alone) numbers by document, position bucket and category column."""
+    rows, ar = inp.rows, ar_row_fve or None
+
+    def table(keys: list[Any]) -> list[dict[str, Any]]:
+        return group_table(keys, rt.fve, rt.mse, rt.cos, ar)
+
+    return {
+        "document": sorted(table([r.get("doc_id") for r in rows]), key=lambda e: -e["fve_nrm"]),
+        "position_bucket": sorted(table([position_bucket(r.get("position")) for r in rows]),
+                                  key=lambda e: _bucket_order(e["key"])),
+        "category": {c: sorted(table(vals), key=lambda e: str(e["key"])) for c, vals in inp.sel.categories.items()},
     }
 
-    # ---- samples
+
+def sample_records(inp: EvalInputs, rt: RoundTrip, ar_row_fve: dict[int, float], best: BestOfK,
+                   probe_rows: dict[str, list[Any]], causal_rows: Any) -> list[dict[str, Any]]:
+    """One record per row for samples.jsonl and the report."""
     samples = []
-    tokenizer = nla.tokenizer
-    for i, r in enumerate(rows):
+    tokenizer = inp.nla.tokenizer
+    for i, r in enumerate(inp.rows):
+        a = rt.answers[i]
         s: dict[str, Any] = {
             "index": i, "doc_id": r.get("doc_id"), "position": r.get("position"),
             "context": r.get("context"), "token": sampled_token(tokenizer, r.get("context")),
             "teacher_explanation": r.get("explanation"),
-            "av_explanation": answers[i]["explanation"], "av_raw": answers[i]["raw"],
-            "parseable": answers[i]["explanation"] is not None, "truncated": answers[i]["truncated"],
-            "fve_nrm": float(rt_fve[i]), "mse_nrm": float(rt_mse[i]), "cosine": float(rt_cos[i]),
-            "top1_hit": bool(rt_hits[i]),
+            "av_explanation": a["explanation"], "av_raw": a["raw"],
+            "parseable": a["explanation"] is not None, "truncated": a["truncated"],
+            "fve_nrm": float(rt.fve[i]), "mse_nrm": float(rt.mse[i]), "cosine": float(rt.cos[i]),
+            "top1_hit": bool(rt.hits[i]),
             "ar_alone_fve_nrm": ar_row_fve.get(i),
-            "best_of_k_fve_nrm": float(best_fve[i]) if best_fve is not None else None,
-            "best_of_k_text": best_texts[i] if best_texts is not None else None,
-            "categories": {c: vals[i] for c, vals in sel.categories.items()},
+            "best_of_k_fve_nrm": float(best.fve[i]) if best.fve is not None else None,
+            "best_of_k_text": best.texts[i] if best.texts is not None else None,
+            "categories": {c: vals[i] for c, vals in inp.sel.categories.items()},
         }
         for name, per in probe_rows.items():
             s[name] = per[i]
@@ -516,17 +578,65 @@ def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Pat
             s["causal_kl_mean_ablation"] = causal_rows.kl_mean[i]
             s["causal_claim_delta_kl"] = causal_rows.claim_delta_kl[i]
         samples.append(s)
-    lap("samples", t)
-    timing["total"] = round(time.perf_counter() - t0, 3)
+    return samples
+
+
+class _Laps:
+    """Wall time per block, in the order run (metrics.json ``timing_s``)."""
+
+    def __init__(self) -> None:
+        self.timing: dict[str, float] = {}
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timing[name] = round(now - self.last, 3)
+        self.last = now
+
+    def total(self) -> dict[str, float]:
+        self.timing["total"] = round(time.perf_counter() - self.start, 3)
+        return self.timing
+
+
+def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Path | None = None,
+             fingerprint: str = "", teacher: Any = None) -> EvalResult:
+    """Run every block of the module docstring on ``cfg.split`` of ``ds``."""
+    from nla import __version__
+
+    lap = _Laps()
+    inp = prepare_inputs(nla, ds, cfg, cache_dir=cache_dir, fingerprint=fingerprint, teacher=teacher)
+    lap("load")
+    ar_alone, ar_row_fve = ar_alone_block(inp)
+    lap("ar_alone")
+    answers = [a[0] for a in av_answers(inp, n=1, sample=False, desc="av-greedy")]
+    lap("generate")
+    rt = round_trip_scores(inp, answers)
+    round_trip = round_trip_block(inp, rt)
+    lap("round_trip")
+    best = best_of_k_block(inp)
+    round_trip["best_of_k"] = best.block
+    lap("best_of_k")
+    round_trip["vs_mean_direction"] = vs_mean_direction(inp, rt)
+    baselines_out, wrong = baselines_block(inp, rt)
+    lap("baselines")
+    probe_block, probe_rows = probes_block(inp, rt)
+    lap("probes")
+    causal, causal_rows = causal_block(inp, rt, wrong)
+    lap("causal")
+    quality_out = quality_block(inp, rt)
+    lap("quality")
+    breakdowns = breakdowns_block(inp, rt, ar_row_fve)
+    samples = sample_records(inp, rt, ar_row_fve, best, probe_rows, causal_rows)
+    lap("samples")
 
     result = {
         "schema_version": SCHEMA_VERSION,
         "kind": KIND,
         "nla_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "dataset": {"path": str(ds.path), "split": cfg.split, "rows_in_split": sel.total, "rows_evaluated": n,
-                    "labelled_rows": len(labelled), "mean_vector_source": mean_source,
-                    "baseline_variance": float(b_all), "layer_index": ds.meta.layer_index},
+        "dataset": {"path": str(ds.path), "split": cfg.split, "rows_in_split": inp.sel.total, "rows_evaluated": inp.n,
+                    "labelled_rows": len(inp.labelled), "mean_vector_source": inp.mean_source,
+                    "baseline_variance": float(inp.b_all), "layer_index": ds.meta.layer_index},
         "bundle": {"base_model": nla.meta.base_model, "layer_index": nla.meta.layer_index,
                    "d_model": nla.meta.d_model, "injection": nla.meta.injection.to_dict()},
         "settings": {k: getattr(cfg, k) for k in ("n_candidates", "best_of", "temperature", "top_p", "max_new_tokens",
@@ -534,21 +644,39 @@ def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Pat
                     | {"teacher": cfg.teacher},
         "ar_alone": ar_alone,
         "round_trip": round_trip,
-        "baselines": {"mean_direction": mean_block, "shuffled_activations": shuffled, "bow_ridge": ridge_block},
+        "baselines": baselines_out,
         "probes": probe_block,
-        "causal": causal_block,
-        "quality": {"av": av_quality, "teacher": teacher_quality},
+        "causal": causal,
+        "quality": quality_out,
         "breakdowns": breakdowns,
-        "timing_s": timing,
-        "notes": notes,
+        "timing_s": lap.total(),
+        "notes": collect_notes(ar_alone, baselines_out, probe_block, causal),
     }
-    plots = {"rt_fve": rt_fve.tolist(), "ar_fve": list(ar_row_fve.values()),
-             "positions": [r.get("position") for r in rows],
-             "av_lengths": [len(t.split()) for t in texts],
-             "teacher_lengths": [len(rows[i]["explanation"].split()) for i in labelled],
+    plots = {"rt_fve": rt.fve.tolist(), "ar_fve": list(ar_row_fve.values()),
+             "positions": [r.get("position") for r in inp.rows],
+             "av_lengths": [len(t.split()) for t in rt.texts],
+             "teacher_lengths": [len(inp.rows[i]["explanation"].split()) for i in inp.labelled],
              "causal_kl": [(a, b) for a, b in zip(causal_rows.kl_recon, causal_rows.kl_mean) if a is not None and b is not None]
              if causal_rows is not None else []}
     return EvalResult(result, samples, plots)
+
+
+def collect_notes(ar_alone: dict[str, Any], baselines_out: dict[str, Any], probe_block: dict[str, Any],
+                  causal: dict[str, Any]) -> list[str]:
+    """The blocks' notes a reader must see, in block order (metrics.json ``notes``)."""
+    notes: list[str] = []
+    if not ar_alone["available"]:
+        notes.append(ar_alone["note"])
+    mean_block = baselines_out["mean_direction"]
+    if not mean_block["check_fve_meannorm_zero"]:
+        notes.append(f"CHECK FAILED: mean-direction fve_meannorm is {mean_block['fve_meannorm']:.3g}, expected 0")
+    if not baselines_out["bow_ridge"]["available"]:
+        notes.append(baselines_out["bow_ridge"]["note"])
+    if probe_block.get("paraphrase_teacher", {}).get("note"):
+        notes.append(probe_block["paraphrase_teacher"]["note"])
+    if causal.get("note"):
+        notes.append(causal["note"])
+    return notes
 
 
 def _bucket_order(key: str) -> float:
