@@ -45,9 +45,11 @@ from nla.data.store import SPLITS, VECTOR_COLUMN, ActivationDataset, arrow_to_ve
 from nla.errors import NLAError
 from nla.eval import baselines, probes
 from nla.models.loading import check_4bit_available, load_in_4bit
+from nla.names import EVAL_KIND, EVAL_SCHEMA_VERSION
+from nla.train.generation import BACKENDS, GENERATION_BACKEND_HELP, VLLM_MEMORY_HELP
 
-SCHEMA_VERSION = 1
-KIND = "nla_eval"
+SCHEMA_VERSION = EVAL_SCHEMA_VERSION
+KIND = EVAL_KIND
 BASE_COLUMNS = {"doc_id", "position", "context", VECTOR_COLUMN, "split", "explanation"}
 POSITION_EDGES = (0, 32, 64, 128, 256, 512, 1024, 2048)
 MAX_CATEGORY_VALUES = 50
@@ -82,6 +84,8 @@ class EvalConfig:
     dtype: str = opt("float32", help="model dtype")
     load_in_4bit: bool = opt(False, help="load the base weights in 4-bit NF4 (CUDA + bitsandbytes), as `train sft|rl "
                              "--load-in-4bit`; adapters then stay unmerged")
+    generation_backend: str = opt("transformers", help=GENERATION_BACKEND_HELP, choices=BACKENDS)
+    vllm_gpu_memory_utilization: float = opt(0.3, help=VLLM_MEMORY_HELP)
     progress: bool = opt(True, help="show progress bars")
     tensorboard: bool = opt(False, help="also log the headline numbers to TensorBoard (OUT/tensorboard) if installed")
     wandb: bool = opt(False, help="also log them to Weights & Biases if installed (key from WANDB_API_KEY)")
@@ -156,7 +160,7 @@ def bundle_fingerprint(path: str | Path) -> str:
 
 def generate_cached(
     nla: Any, vectors: torch.Tensor, keys: list[str], *, n: int, sample: bool, cfg: EvalConfig,
-    cache_dir: Path | None, fingerprint: str, desc: str,
+    cache_dir: Path | None, fingerprint: str, desc: str, backend: Any = None,
 ) -> list[list[dict[str, Any]]]:
     """``n`` answers per vector, generated in fixed chunks; each finished chunk is appended to
     the cache so a resumed run regenerates only the chunks it lacks (same seeds, same text)."""
@@ -164,6 +168,8 @@ def generate_cached(
     settings = {"n": n, "sample": sample, "max_new_tokens": cfg.max_new_tokens, "chunk": chunk,
                 "temperature": cfg.temperature if sample else None, "top_p": cfg.top_p if sample else None,
                 "seed": cfg.seed, "fingerprint": fingerprint}
+    if cfg.generation_backend != "transformers":
+        settings["backend"] = cfg.generation_backend  # other answers; transformers keeps its old cache keys
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     done: dict[str, list[dict[str, Any]]] = {}
     cache = None
@@ -188,7 +194,8 @@ def generate_cached(
         if sample:
             # Seeded per chunk, so a resumed run samples exactly what the first run would have.
             gen.update(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + start)
-        outs = nla.verbalize(vectors[start : start + chunk], n=n, **gen)
+        # backend: nla.train.generation (eval --generation-backend); its transformers one is nla.verbalize.
+        outs = (backend or nla).verbalize(vectors[start : start + chunk], n=n, **gen)
         lines = []
         for k, answers in zip(ks, outs):
             done[k] = [{"explanation": a.explanation, "raw": a.raw, "truncated": bool(a.truncated)} for a in answers]
@@ -363,6 +370,7 @@ class EvalInputs:
     cache_dir: Path | None = None
     fingerprint: str = ""
     teacher: Any = None
+    backend: Any = None  # the AV generation backend (nla.train.generation); None: nla.verbalize
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -398,7 +406,7 @@ class BestOfK:
 
 
 def prepare_inputs(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Path | None = None,
-                   fingerprint: str = "", teacher: Any = None) -> EvalInputs:
+                   fingerprint: str = "", teacher: Any = None, backend: Any = None) -> EvalInputs:
     """Check the bundle against the dataset and the settings, select the rows, choose μ."""
     if ds.meta.d_model != nla.meta.d_model:
         raise NLAError(f"dataset {ds.path} has d_model={ds.meta.d_model}, bundle has {nla.meta.d_model}")
@@ -422,7 +430,7 @@ def prepare_inputs(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_di
         nla=nla, ds=ds, cfg=cfg, sel=sel, mean=mean, mean_source=mean_source,
         b_all=metrics.baseline_variance(sel.vectors, mean), keys=[row_key(r) for r in sel.rows],
         labelled=[i for i, r in enumerate(sel.rows) if r.get("explanation")],
-        cache_dir=cache_dir, fingerprint=fingerprint, teacher=teacher)
+        cache_dir=cache_dir, fingerprint=fingerprint, teacher=teacher, backend=backend)
 
 
 def ar_alone_block(inp: EvalInputs) -> tuple[dict[str, Any], dict[int, float]]:
@@ -443,7 +451,7 @@ def ar_alone_block(inp: EvalInputs) -> tuple[dict[str, Any], dict[int, float]]:
 def av_answers(inp: EvalInputs, *, n: int, sample: bool, desc: str) -> list[list[dict[str, Any]]]:
     """``n`` AV answers per row (greedy or sampled), through the generation cache."""
     return generate_cached(inp.nla, inp.target, inp.keys, n=n, sample=sample, cfg=inp.cfg, cache_dir=inp.cache_dir,
-                           fingerprint=inp.fingerprint, desc=desc)
+                           fingerprint=inp.fingerprint, desc=desc, backend=inp.backend)
 
 
 def round_trip_scores(inp: EvalInputs, answers: list[dict[str, Any]]) -> RoundTrip:
@@ -599,12 +607,12 @@ class _Laps:
 
 
 def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Path | None = None,
-             fingerprint: str = "", teacher: Any = None) -> EvalResult:
+             fingerprint: str = "", teacher: Any = None, backend: Any = None) -> EvalResult:
     """Run every block of the module docstring on ``cfg.split`` of ``ds``."""
     from nla import __version__
 
     lap = _Laps()
-    inp = prepare_inputs(nla, ds, cfg, cache_dir=cache_dir, fingerprint=fingerprint, teacher=teacher)
+    inp = prepare_inputs(nla, ds, cfg, cache_dir=cache_dir, fingerprint=fingerprint, teacher=teacher, backend=backend)
     lap("load")
     ar_alone, ar_row_fve = ar_alone_block(inp)
     lap("ar_alone")
@@ -843,6 +851,9 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     check_logging_backends(cfg.tensorboard, cfg.wandb)  # a missing package fails before the work
     if cfg.load_in_4bit:
         check_4bit_available(cfg.device)  # one line before the report folder is made
+    from nla.train.generation import check_backend, inference_backend
+
+    check_backend(cfg.generation_backend)  # vLLM missing or no GPU: one line, no report folder
     ds = ActivationDataset.open(cfg.data)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -855,7 +866,9 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
         nla.merge_adapters()
     teacher = make_eval_teacher(cfg, nla.meta.base_model)
     fingerprint = bundle_fingerprint(cfg.nla) if Path(cfg.nla).is_dir() else str(cfg.nla)
-    result = evaluate(nla, ds, cfg, cache_dir=out / "cache", fingerprint=fingerprint, teacher=teacher)
+    backend = inference_backend(cfg.generation_backend, nla, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+    result = evaluate(nla, ds, cfg, cache_dir=out / "cache", fingerprint=fingerprint, teacher=teacher,
+                      backend=backend)
     result.metrics["bundle"]["path"] = str(cfg.nla)
     write_report(result, out, html_samples=cfg.html_samples)
     if cfg.tensorboard or cfg.wandb:

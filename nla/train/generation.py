@@ -1,4 +1,5 @@
-"""Rollout generation for RL: one interface, two backends (docs/design.md §8, §11).
+"""AV generation: one interface, two backends, for RL rollouts, `nla eval` and `nla serve`
+(docs/design.md §8, §11; docs/scaling.md).
 
 * :class:`TransformersBackend` (default): ``model.generate`` with the KV cache; the vector
   goes in through the verbalizer's injection hook, which acts on the prefill only.
@@ -6,14 +7,19 @@
   AV's own embedding layer, with the same injection hook, turns the prompt into embeddings
   that already carry the vector, so vLLM needs no patch to inject anything.
 
-Both return :class:`Rollout` objects group-major (the ``n`` samples of vector 0, then of
-vector 1, ...), holding the sampled token ids *including* the end token when the answer ended:
-the end token is an action too, and dropping it from the log-probs would never teach the
-policy when to stop.
+Two calls, both group-major (the ``n`` answers of vector 0, then of vector 1, ...):
+
+* :meth:`RolloutBackend.generate` (RL): :class:`Rollout` objects holding the sampled token ids
+  *including* the end token when the answer ended: the end token is an action too, and
+  dropping it from the log-probs would never teach the policy when to stop.
+* :meth:`RolloutBackend.verbalize` (eval, serve): ``Verbalization`` lists, greedy or sampled,
+  with the keyword arguments of ``Verbalizer.generate``; the transformers backend *is*
+  ``Verbalizer.generate``, so eval and serve answer exactly as they did before the interface.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -25,7 +31,12 @@ import torch
 from nla.errors import NLAError
 from nla.models.injection import check_vectors
 from nla.models.prompts import parse_explanation
-from nla.models.verbalizer import Verbalizer
+from nla.models.verbalizer import Verbalization, Verbalizer
+
+BACKENDS = ("transformers", "vllm")
+# The flag's help, shared by `train rl`, `eval` and `serve` so the three read alike.
+GENERATION_BACKEND_HELP = "'transformers' (KV cache + injection hook) or 'vllm'"
+VLLM_MEMORY_HELP = "fraction of GPU memory vLLM may take"
 
 
 @dataclass
@@ -77,6 +88,14 @@ class RolloutBackend(ABC):
                  offset: int = 0) -> list[Rollout]:
         """``n`` answers per vector, group-major. ``offset``: the global index of ``vectors[0]``
         in the step's batch, so a rank generating its share samples what one process would."""
+        ...
+
+    @abstractmethod
+    def verbalize(self, vectors: torch.Tensor, n: int = 1, *, max_new_tokens: int = 96, do_sample: bool = False,
+                  temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32,
+                  seed: int | None = None) -> list[list[Verbalization]]:
+        """``n`` explanations per vector for eval and serve (greedy unless ``do_sample``), the
+        arguments and the result of ``Verbalizer.generate``."""
         ...
 
     def sync_weights(self) -> None:  # noqa: B027 - optional hook, a no-op when weights are shared
@@ -181,11 +200,22 @@ class TransformersBackend(RolloutBackend):
             model.train(was_training)
         return rollouts
 
+    def verbalize(self, vectors: torch.Tensor, n: int = 1, *, max_new_tokens: int = 96, do_sample: bool = False,
+                  temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32,
+                  seed: int | None = None) -> list[list[Verbalization]]:
+        # The very call eval and serve made before this interface: their answers are unchanged.
+        return self.verbalizer.generate(torch.as_tensor(vectors), n=n, max_new_tokens=max_new_tokens,
+                                        do_sample=do_sample, temperature=temperature, top_p=top_p,
+                                        batch_size=batch_size, seed=seed)
+
 
 # ---------------------------------------------------------------- vLLM
 # V1-engine prompt embeddings (vLLM PR #24278) first shipped in 0.11.0, the release that also
 # removed the V0 engine; LLM.apply_model is the public way into the workers' model there.
 MIN_VLLM = (0, 11, 0)
+# vllm/sampling_params.py (SamplingParams._verify_args): temperature must lie in [0, 2].
+VLLM_MAX_TEMPERATURE = 2.0
+_NO_VLLM = "use --generation-backend transformers"
 
 
 def check_vllm_version(version: str) -> None:
@@ -200,6 +230,31 @@ def check_vllm_version(version: str) -> None:
         need = ".".join(map(str, MIN_VLLM))
         raise NLAError(f"--generation-backend vllm needs vLLM >= {need} (V1-engine prompt embeddings, "
                        f"LLM.apply_model); found {version}: pip install -U 'vllm>={need}'")
+
+
+def check_vllm_available() -> Any:
+    """The ``vllm`` module, or a one-line error: not installed, too old, or no CUDA device.
+
+    Called before any model is loaded or any output folder made, so ``--generation-backend
+    vllm`` on a machine that cannot run it stops at once (vLLM's engine needs a CUDA GPU).
+    """
+    try:
+        import vllm
+    except ImportError:
+        raise NLAError(f"--generation-backend vllm: vLLM is not installed (pip install "
+                       f"'vllm>={'.'.join(map(str, MIN_VLLM))}'), {_NO_VLLM}") from None
+    check_vllm_version(getattr(vllm, "__version__", "0"))
+    if not torch.cuda.is_available():
+        raise NLAError(f"--generation-backend vllm needs a CUDA GPU and none is visible here; {_NO_VLLM}")
+    return vllm
+
+
+def check_backend(name: str) -> None:
+    """Refuse an unknown name, or vLLM where it cannot run, before any work starts."""
+    if name not in BACKENDS:
+        raise NLAError(f"unknown generation backend {name!r} (use 'transformers' or 'vllm')")
+    if name == "vllm":
+        check_vllm_available()
 
 
 def build_prompt_embeds(verbalizer: Verbalizer, vectors: torch.Tensor) -> torch.Tensor:
@@ -224,7 +279,7 @@ def vllm_weight_items(model: Any) -> list[tuple[str, torch.Tensor]]:
     out (a LoRA policy reaches vLLM as an adapter, not as weights). vLLM's own loader then
     stacks q/k/v and gate/up itself, from these plain names.
     """
-    lm = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    lm = model.get_base_model() if _is_peft(model) else model
     out = []
     for name, tensor in lm.state_dict().items():
         if "lora_" in name or ".modules_to_save." in name:
@@ -233,25 +288,99 @@ def vllm_weight_items(model: Any) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+
+
+def export_for_vllm(verbalizer: Verbalizer, folder: str | Path) -> int | None:
+    """Write the model folder a vLLM engine starts from; the LoRA rank to serve, or None.
+
+    A LoRA AV: its base weights (the adapter reaches vLLM as a ``LoRARequest``, saved by
+    :meth:`VLLMBackend.sync_weights`); a full AV (eval merges LoRA first): its own weights.
+    Hugging Face checkpoint names either way (:func:`vllm_weight_items`), and the tokenizer.
+    """
+    av = verbalizer.model
+    model = av.get_base_model() if _is_peft(av) else av
+    model.save_pretrained(str(folder), state_dict=dict(vllm_weight_items(av)))
+    verbalizer.tokenizer.save_pretrained(str(folder))
+    if not _is_peft(av):
+        return None
+    return max(int(c.r) for c in av.peft_config.values())
+
+
 def _load_into_engine_model(weights: list[tuple[str, torch.Tensor]], model: Any) -> int:
     # Runs inside vLLM's worker (LLM.apply_model): the engine's model takes HF-named weights.
     model.load_weights(weights=weights)
     return len(weights)
 
 
+def completion_ids(comp: Any, end_ids: list[int]) -> list[int]:
+    """A ``CompletionOutput``'s sampled ids, ending with the end token when it stopped on one.
+
+    A ``stop_token_ids`` hit may be left out of ``token_ids`` (special tokens are); it is put
+    back, so a finished answer reads as finished and RL scores the end action.
+    """
+    ids = [int(t) for t in comp.token_ids]
+    stop = getattr(comp, "stop_reason", None)
+    if comp.finish_reason == "stop" and (not ids or ids[-1] not in end_ids):
+        ids.append(int(stop) if isinstance(stop, int) else end_ids[0])
+    return ids
+
+
+def _completions(out: Any) -> list[Any]:
+    # CompletionOutput.index is the sample's place among the request's n (vLLM fans a request
+    # out into n child requests, vllm/v1/engine/parallel_sampling.py): keep that order.
+    return sorted(out.outputs, key=lambda c: getattr(c, "index", 0))
+
+
 def rollouts_from_vllm(verbalizer: Verbalizer, outputs: list[Any]) -> list[Rollout]:
     """vLLM ``RequestOutput`` objects (one per vector, ``n`` completions each) → group-major rollouts."""
     end_ids = list(verbalizer.end_ids)
-    rollouts = []
-    for i, out in enumerate(outputs):
-        for comp in out.outputs:
-            ids = list(comp.token_ids)
-            stop = getattr(comp, "stop_reason", None)
-            # A stop_token_ids hit may be left out of token_ids; put the action back, it is scored.
-            if comp.finish_reason == "stop" and (not ids or ids[-1] not in end_ids):
-                ids.append(int(stop) if isinstance(stop, int) else end_ids[0])
-            rollouts.append(make_rollout(verbalizer, i, ids))
-    return rollouts
+    return [make_rollout(verbalizer, i, completion_ids(comp, end_ids))
+            for i, out in enumerate(outputs) for comp in _completions(out)]
+
+
+def verbalize_requests(embeds: torch.Tensor, n: int, *, max_new_tokens: int, do_sample: bool, temperature: float,
+                       top_p: float, seed: int | None, stop_ids: list[int],
+                       sampling_params: Any) -> tuple[list[dict[str, torch.Tensor]], list[Any]]:
+    """The ``LLM.generate`` inputs for :meth:`VLLMBackend.verbalize`: one request per vector.
+
+    Greedy is vLLM's ``temperature=0``, which allows only ``n=1`` (vllm/sampling_params.py,
+    ``_verify_greedy_sampling``): greedy asks for one answer and :func:`verbalizations_from_vllm`
+    repeats it, as greedy ``generate`` would have given ``n`` equal ones. Sampling is seeded per
+    vector (``row_key``), and vLLM seeds the request's ``n`` children ``seed + index``, so a
+    seeded call samples the same whatever else shares the batch. ``top_k=-1``: no top-k cut,
+    as the transformers path. We always pass our own ``SamplingParams``, so the model folder's
+    generation_config defaults (which vLLM applies only when none are given) never apply.
+    """
+    if do_sample and not 0 < temperature <= VLLM_MAX_TEMPERATURE:
+        raise NLAError(f"vLLM samples at temperatures in (0, {VLLM_MAX_TEMPERATURE:g}], got {temperature}")
+    prompts = [{"prompt_embeds": e} for e in embeds]
+    params = []
+    for i in range(len(prompts)):
+        if do_sample:
+            params.append(sampling_params(
+                n=n, temperature=temperature, top_p=top_p, top_k=-1, max_tokens=max_new_tokens,
+                stop_token_ids=list(stop_ids), seed=None if seed is None else row_key(seed, i) % 2**31))
+        else:
+            params.append(sampling_params(n=1, temperature=0.0, max_tokens=max_new_tokens,
+                                          stop_token_ids=list(stop_ids)))
+    return prompts, params
+
+
+def verbalizations_from_vllm(verbalizer: Verbalizer, outputs: list[Any], n: int) -> list[list[Verbalization]]:
+    """``RequestOutput`` objects (one per vector) → ``n`` Verbalizations per vector, parsed by the
+    verbalizer's own decoding (end token cut, explanation tags, truncation) as the transformers path."""
+    end_ids = list(verbalizer.end_ids)
+    result = []
+    for out in outputs:
+        answers = [verbalizer._decode(completion_ids(c, end_ids)) for c in _completions(out)]
+        if len(answers) == 1 and n > 1:  # greedy: one answer stands for n equal ones
+            answers = [dataclasses.replace(answers[0], token_ids=list(answers[0].token_ids)) for _ in range(n)]
+        if len(answers) != n:
+            raise NLAError(f"vLLM returned {len(answers)} answers for a vector, {n} were asked for")
+        result.append(answers)
+    return result
 
 
 class VLLMBackend(RolloutBackend):
@@ -270,12 +399,7 @@ class VLLMBackend(RolloutBackend):
                  gpu_memory_utilization: float = 0.3, dtype: str = "auto"):
         import os
 
-        try:
-            import vllm
-        except ImportError:
-            raise NLAError("--generation-backend vllm: vLLM is not installed (pip install vllm), "
-                           "use --generation-backend transformers") from None
-        check_vllm_version(getattr(vllm, "__version__", "0"))
+        vllm = check_vllm_available()
         if verbalizer.injection.mode != "replace":
             raise NLAError("--generation-backend vllm supports only 'replace' injection (the vector is "
                            "carried in the prompt embeddings); this bundle uses 'add'")
@@ -286,6 +410,7 @@ class VLLMBackend(RolloutBackend):
         self._version = 0
         self._adapter_dir = tempfile.TemporaryDirectory(prefix="nla-vllm-lora-")
         self._lora_request: Any = None
+        self._owned: Any = None  # a temporary model folder this backend should outlive
         kwargs: dict[str, Any] = dict(model=str(base_dir), enable_prompt_embeds=True, dtype=dtype,
                                       gpu_memory_utilization=gpu_memory_utilization)
         if lora_rank:
@@ -310,6 +435,21 @@ class VLLMBackend(RolloutBackend):
                                  use_tqdm=False)
         return rollouts_from_vllm(self.verbalizer, outs)
 
+    def verbalize(self, vectors: torch.Tensor, n: int = 1, *, max_new_tokens: int = 96, do_sample: bool = False,
+                  temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32,
+                  seed: int | None = None) -> list[list[Verbalization]]:
+        # batch_size is the transformers path's memory bound; vLLM schedules its own batches.
+        vectors = torch.as_tensor(vectors).float()
+        if vectors.ndim == 1:
+            vectors = vectors.unsqueeze(0)
+        check_vectors(vectors, self.verbalizer.d_model)
+        prompts, params = verbalize_requests(
+            build_prompt_embeds(self.verbalizer, vectors), n, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, seed=seed, stop_ids=list(self.verbalizer.end_ids),
+            sampling_params=self._vllm.SamplingParams)
+        outs = self.llm.generate(prompts, params, lora_request=self._lora_request, use_tqdm=False)
+        return verbalizations_from_vllm(self.verbalizer, outs, n)
+
     def sync_weights(self) -> None:
         model = self.verbalizer.model
         self._version += 1
@@ -333,11 +473,39 @@ class VLLMBackend(RolloutBackend):
 
 
 def make_backend(name: str, verbalizer: Verbalizer, *, base_dir: str | Path | None = None,
-                 lora_rank: int | None = None, gpu_memory_utilization: float = 0.3) -> RolloutBackend:
+                 lora_rank: int | None = None, gpu_memory_utilization: float = 0.3,
+                 dtype: str = "auto") -> RolloutBackend:
     if name == "transformers":
         return TransformersBackend(verbalizer)
     if name == "vllm":
         if base_dir is None:
             raise NLAError("the vLLM backend needs the warm-start AV weights saved as a model folder")
-        return VLLMBackend(verbalizer, base_dir, lora_rank=lora_rank, gpu_memory_utilization=gpu_memory_utilization)
+        return VLLMBackend(verbalizer, base_dir, lora_rank=lora_rank, gpu_memory_utilization=gpu_memory_utilization,
+                           dtype=dtype)
     raise NLAError(f"unknown generation backend {name!r} (use 'transformers' or 'vllm')")
+
+
+def inference_backend(name: str, nla: Any, *, gpu_memory_utilization: float = 0.3) -> RolloutBackend:
+    """The backend `nla eval` and `nla serve` generate with, for a loaded bundle.
+
+    ``vllm``: the AV is written to a temporary model folder (:func:`export_for_vllm`, removed
+    when the backend goes) and the engine runs in the AV's dtype, so the prompt embeddings the
+    AV computes are in the engine's own dtype. 4-bit weights are refused: their saved form is
+    bitsandbytes', not a checkpoint vLLM starts from.
+    """
+    check_backend(name)
+    if name == "transformers":
+        return TransformersBackend(nla.verbalizer)
+    if getattr(nla.av_model, "is_loaded_in_4bit", False) or getattr(
+            getattr(nla.av_model, "config", None), "quantization_config", None) is not None:
+        raise NLAError("--generation-backend vllm does not take --load-in-4bit weights; drop one of the two")
+    if nla.verbalizer.injection.mode != "replace":
+        raise NLAError("--generation-backend vllm supports only 'replace' injection (the vector is "
+                       "carried in the prompt embeddings); this bundle uses 'add'")
+    folder = tempfile.TemporaryDirectory(prefix="nla-vllm-model-")
+    lora = export_for_vllm(nla.verbalizer, folder.name)
+    dtype = str(next(nla.av_model.parameters()).dtype).removeprefix("torch.")
+    backend = VLLMBackend(nla.verbalizer, folder.name, lora_rank=lora, gpu_memory_utilization=gpu_memory_utilization,
+                          dtype=dtype)
+    backend._owned = folder
+    return backend
