@@ -269,10 +269,19 @@ class LensTeacher(Teacher):
         quoted = ", ".join(_quote([w]) for w in ranked)
         return f"about {quoted}" if len(ranked) >= 2 else f"about {quoted} only"
 
-    def _explain_sync(self, contexts: list[str]) -> list[str | None]:
-        tops = self._predictions(contexts)
-        self.usage.requests += len(contexts)
-        return [format_analysis(self.features(c, t)) for c, t in zip(contexts, tops)]
+    def _explain_sync(self, batch: list[LabelRequest]) -> list[str | None]:
+        # Rows whose dataset stored the model's next tokens (`nla extract --next-tokens`) need no
+        # forward pass here; the others (older datasets, fewer stored than top_k) get one.
+        tops: list[list[tuple[int, float]] | None] = [
+            list(r.next_tokens[: self.top_k]) if r.next_tokens and len(r.next_tokens) >= self.top_k else None
+            for r in batch
+        ]
+        missing = [i for i, t in enumerate(tops) if t is None]
+        if missing:
+            for i, top in zip(missing, self._predictions([batch[i].context for i in missing]), strict=True):
+                tops[i] = top
+        self.usage.requests += len(batch)
+        return [format_analysis(self.features(r.context, t or [])) for r, t in zip(batch, tops, strict=True)]
 
     async def explain(self, batch: list[LabelRequest]) -> list[str | None]:
-        return await asyncio.to_thread(self._explain_sync, [r.context for r in batch])
+        return await asyncio.to_thread(self._explain_sync, batch)

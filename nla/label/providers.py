@@ -39,6 +39,9 @@ class LabelRequest:
 
     context: str
     key: str = ""
+    # The base model's own top next tokens at this position, (id, probability) most likely first,
+    # when the dataset stored them (`nla extract --next-tokens N`); teachers may ignore it.
+    next_tokens: tuple[tuple[int, float], ...] | None = None
 
 
 @dataclass
