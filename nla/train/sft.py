@@ -17,6 +17,7 @@ records how many optimizer steps are done; optimizer, scheduler and RNG state ar
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -428,13 +429,12 @@ def _start_bundle(cfg: SFTConfig, device: torch.device, dataset: Any = None) -> 
                           inject_coef=cfg.inject_coef, device=str(device))
 
 
-def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
-    """Train the AV and/or the AR; returns the trained :class:`~nla.bundle.NLA` (also saved in ``--out``)."""
-    from nla.bundle import NLA
-    from nla.data.store import SPLITS, ActivationDataset
+def check_settings(cfg: SFTConfig, targets: list[str] | None) -> list[str]:
+    """The targets to train, after the checks that need no file (one-line errors, nothing written)."""
+    from nla.data.store import SPLITS
 
-    targets = list(targets or TARGETS)
-    for t in targets:
+    chosen = list(targets or TARGETS)
+    for t in chosen:
         if t not in TARGETS:
             raise NLAError(f"unknown training target {t!r} (choose from {', '.join(TARGETS)})")
     validate(cfg, "train")  # the Python API gets the same checks as flags and YAML
@@ -450,6 +450,23 @@ def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
         if not cfg.lora:
             raise NLAError("--load-in-4bit trains LoRA adapters on frozen 4-bit weights; --no-lora cannot update them")
         check_4bit_available(cfg.device)  # before anything is written
+    # A missing --tensorboard/--wandb package stops the command here, not after the run folder is claimed.
+    loop.check_logging_backends(cfg.tensorboard, cfg.wandb)
+    return chosen
+
+
+def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
+    """Train the AV and/or the AR; returns the trained :class:`~nla.bundle.NLA` (also saved in ``--out``).
+
+    One :class:`SFTTrainer` per target, in order, on one bundle: the AR phase starts from the
+    bundle the AV phase ended with. On ``--resume`` a finished phase is skipped (its last
+    checkpoint is the bundle to continue from) and an unfinished one continues from its newest
+    checkpoint. ``--stop-after-steps`` counts steps over the phases of this invocation.
+    """
+    from nla.bundle import NLA
+    from nla.data.store import ActivationDataset
+
+    targets = check_settings(cfg, targets)
     dataset = ActivationDataset.open(cfg.data)
     check_training_data(cfg, dataset, targets)
     accelerator = make_accelerator(cfg)
@@ -471,7 +488,7 @@ def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
     logger = loop.MetricsLogger(run, tensorboard=cfg.tensorboard, wandb=cfg.wandb, wandb_project=cfg.wandb_project,
                                 enabled=accelerator.is_main_process)
     done_ck: Path | None = None
-    budget = [cfg.stop_after_steps]  # shared across phases: steps left in this invocation
+    budget = cfg.stop_after_steps  # steps left in this invocation, over all phases
     try:
         for target in targets:
             ck = loop.latest_checkpoint(run, target) if cfg.resume else None
@@ -482,11 +499,18 @@ def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
                 nla = _load(cfg, ck, device)
             elif nla is None:
                 nla = _load(cfg, done_ck, device) if done_ck else start_bundle(cfg, device, dataset)
+            if budget is not None and budget <= 0:
+                if accelerator.is_main_process:
+                    print(f"{run}: stopped after --stop-after-steps; re-run with --resume to continue")
+                return nla
             if is_fsdp(accelerator):
                 # FSDP flattens and shards each wrapped model's parameters in place; a tensor
                 # the other model also points at would be torn out from under it.
                 nla.unshare_frozen_base()
-            finished = _train_phase(cfg, target, nla, dataset, accelerator, logger, ck, budget)
+            trainer = SFTTrainer(cfg, target, nla, dataset, accelerator, logger)
+            finished = trainer.train(resume_from=ck, max_steps_now=budget)
+            if budget is not None:
+                budget -= trainer.steps_taken
             if not finished:
                 if accelerator.is_main_process:
                     print(f"{run}: stopped after --stop-after-steps; re-run with --resume to continue")
@@ -511,171 +535,230 @@ def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
     return nla
 
 
-def _train_phase(cfg: SFTConfig, target: str, nla: Any, dataset: Any, accelerator: Any, logger: loop.MetricsLogger,
-                 resume_from: Path | None, budget: list[int | None]) -> bool:
-    """Train one model to the end of its plan (True) or until the step budget runs out (False)."""
-    device = accelerator.device
-    world, rank = accelerator.num_processes, accelerator.process_index
-    main = accelerator.is_main_process
-    task: Task
-    if target == "av":
-        task = AVTask(nla, cfg)
-        lr = cfg.lr
-        max_steps = cfg.max_steps
-    else:
-        task = ARTask(nla, cfg, dataset.mean_vector().float())
-        lr = cfg.ar_lr if cfg.ar_lr is not None else cfg.lr
-        max_steps = cfg.ar_max_steps if cfg.ar_max_steps is not None else cfg.max_steps
+class SFTTrainer:
+    """One SFT phase, the AV on ``av_sft`` or the AR on ``ar_sft``, with the RL trainer's shape.
 
-    rows, vectors = labelled(with_tags(dataset, task.split), dataset.vectors(task.split))
-    if not rows:
-        raise NLAError(f"{cfg.data}: no labelled rows in split {task.split!r}; run `nla label --data {cfg.data}` first")
-    eval_rows, eval_vectors = labelled(with_tags(dataset, cfg.eval_split), dataset.vectors(cfg.eval_split))
-    eval_rows, eval_vectors = eval_rows[: cfg.eval_rows], eval_vectors[: cfg.eval_rows]
-    examples = task.examples(rows)
-    eval_examples = task.examples(eval_rows)
-    lengths = [len(e.ids) for e in examples]
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    plan = plan_steps(lengths, global_batch, cfg.seed, cfg.epochs, max_steps, cfg.group_by_length)
-    total = len(plan)
-    pad = padding_fraction(plan, lengths, cfg.batch_size)
-    pad_random = padding_fraction(plan_steps(lengths, global_batch, cfg.seed, cfg.epochs, max_steps, False),
-                                  lengths, cfg.batch_size)
+    ``__init__`` sets up (rows, data plan, optimizer, schedule, accelerate); :meth:`try_resume`
+    restores a checkpoint's optimizer, schedule and RNG; :meth:`step` is one optimizer step of
+    the plan; :meth:`evaluate` scores the held-out rows; :meth:`save` writes a checkpoint;
+    :meth:`train` runs them to the end of the plan or of this invocation's step budget. The
+    bundle ``nla`` is the caller's (a fresh one, or loaded from the checkpoint to resume from);
+    the trainer updates its weights in place.
+    """
 
-    module = task.module()
-    if cfg.gradient_checkpointing:
-        inner: Any = module.trunk if target == "ar" else module
-        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-        # Non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads.
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module.train()
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise NLAError(f"the {target.upper()} has no trainable parameters")
-    if target == "ar":
-        head = list(nla.ar.value_head.parameters())
+    def __init__(self, cfg: SFTConfig, target: str, nla: Any, dataset: Any, accelerator: Any,
+                 logger: loop.MetricsLogger):
+        self.cfg, self.target, self.nla = cfg, target, nla
+        self.accelerator, self.logger = accelerator, logger
+        self.device = accelerator.device
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.main = bool(accelerator.is_main_process)
+        self.task: Task
+        if target == "av":
+            self.task = AVTask(nla, cfg)
+            self.lr = cfg.lr
+            max_steps = cfg.max_steps
+        else:
+            self.task = ARTask(nla, cfg, dataset.mean_vector().float())
+            self.lr = cfg.ar_lr if cfg.ar_lr is not None else cfg.lr
+            max_steps = cfg.ar_max_steps if cfg.ar_max_steps is not None else cfg.max_steps
+
+        rows, self.vectors = labelled(with_tags(dataset, self.task.split), dataset.vectors(self.task.split))
+        if not rows:
+            raise NLAError(f"{cfg.data}: no labelled rows in split {self.task.split!r}; "
+                           f"run `nla label --data {cfg.data}` first")
+        self.n_rows = len(rows)
+        eval_rows, eval_vectors = labelled(with_tags(dataset, cfg.eval_split), dataset.vectors(cfg.eval_split))
+        eval_rows, self.eval_vectors = eval_rows[: cfg.eval_rows], eval_vectors[: cfg.eval_rows]
+        self.examples = self.task.examples(rows)
+        self.eval_examples = self.task.examples(eval_rows)
+        self.lengths = [len(e.ids) for e in self.examples]
+        self.global_batch = cfg.batch_size * cfg.grad_accum * self.world
+        self.plan = plan_steps(self.lengths, self.global_batch, cfg.seed, cfg.epochs, max_steps, cfg.group_by_length)
+        self.total = len(self.plan)
+        self.padding = padding_fraction(self.plan, self.lengths, cfg.batch_size)
+        ungrouped = plan_steps(self.lengths, self.global_batch, cfg.seed, cfg.epochs, max_steps, False)
+        self.padding_ungrouped = padding_fraction(ungrouped, self.lengths, cfg.batch_size)
+
+        self.module = self.task.module()
+        if cfg.gradient_checkpointing:
+            inner: Any = self.module.trunk if target == "ar" else self.module
+            inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+            # Non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads.
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.module.train()
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        if not self.params:
+            raise NLAError(f"the {target.upper()} has no trainable parameters")
+        optimizer = self._optimizer()
+        self.scheduler = loop.cosine_with_warmup(optimizer, round(cfg.warmup_ratio * self.total), self.total,
+                                                 cfg.min_lr_ratio)
+        self.state = loop.TrainerState(phase=target, step=0, total_steps=self.total)
+        self.steps_taken = 0  # optimizer steps in this invocation (the --stop-after-steps budget)
+        # The scheduler must not be prepared: accelerate would step it once per process.
+        self.model, self.optimizer = accelerator.prepare(self.module, optimizer)
+        self.fsdp = is_fsdp(accelerator)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        if self.target != "ar":
+            return torch.optim.AdamW(self.params, lr=self.lr, weight_decay=cfg.weight_decay)
+        # The value head may take its own learning rate (--head-lr).
+        head = list(self.nla.ar.value_head.parameters())
         head_ids = {id(p) for p in head}
-        groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr},
-                  {"params": head, "lr": cfg.head_lr if cfg.head_lr is not None else lr}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    scheduler = loop.cosine_with_warmup(optimizer, round(cfg.warmup_ratio * total), total, cfg.min_lr_ratio)
-    state = loop.TrainerState(phase=target, step=0, total_steps=total)
-    if resume_from is not None:
-        state = loop.restore_checkpoint(resume_from, optimizer, scheduler)
-        if state.total_steps != total:
-            raise NLAError(f"{resume_from}: the checkpoint's plan has {state.total_steps} steps, this run {total}; "
+        groups = [{"params": [p for p in self.params if id(p) not in head_ids], "lr": self.lr},
+                  {"params": head, "lr": cfg.head_lr if cfg.head_lr is not None else self.lr}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+
+    # ------------------------------------------------------------ checkpoints
+    def try_resume(self, ckpt: Path | None) -> bool:
+        """Continue from ``ckpt`` (the checkpoint the bundle was loaded from); False: start over.
+
+        Either way ``metrics.jsonl`` is cut back to where the phase restarts, so a resumed run
+        logs the curve of an uninterrupted one, each step once.
+        """
+        target = self.target
+        if ckpt is None:
+            # An earlier invocation may have logged steps of this phase before it was stopped or
+            # killed ahead of its first checkpoint: they are run again from step 0.
+            self.logger.truncate_after(-1, target)
+            self.logger.truncate_after(-1, f"{target}_eval")
+            return False
+        self.state = loop.restore_checkpoint(ckpt, self.optimizer, self.scheduler)
+        if self.state.total_steps != self.total:
+            raise NLAError(f"{ckpt}: the checkpoint's plan has {self.state.total_steps} steps, this run {self.total}; "
                            "resume with the same data and batch settings")
-        logger.truncate_after(state.step, target)
-        logger.truncate_after(state.step, f"{target}_eval")
-    # The scheduler must not be prepared: accelerate would step it once per process.
-    model, optimizer = accelerator.prepare(module, optimizer)
-    fsdp = is_fsdp(accelerator)
-    agree: Callable[[bool], bool] | None = None
-    clip: Callable[[float], torch.Tensor] | None = None
-    if fsdp:
-        # Each process sees only its shard of the gradients: skip or step together, and clip
-        # by the norm of the whole model (FSDP's own clip_grad_norm_ all-reduces it).
-        def agree(finite: bool) -> bool:
-            flags = accelerator.reduce(torch.tensor(float(finite), device=device), reduction="sum")
-            return bool(flags.item() == world)
+        self.logger.truncate_after(self.state.step, target)
+        self.logger.truncate_after(self.state.step, f"{target}_eval")
+        return True
 
-        def clip(limit: float) -> torch.Tensor:
-            return model.clip_grad_norm_(limit)  # type: ignore[no-any-return]
+    def save(self) -> None:
+        """A checkpoint (a complete bundle + trainer state); at the end of the plan it is marked
+        done and the bundle's sidecar records how the model was trained."""
+        cfg, target, state = self.cfg, self.target, self.state
+        state.done = state.step == self.total
+        if state.done:
+            self.nla.meta.training[target] = {
+                "steps": self.total, "rows": self.n_rows, "global_batch": self.global_batch, "lr": self.lr,
+                "lora": cfg.lora, "skipped_steps": state.skipped_steps, "seed": cfg.seed,
+            }
+        # Under FSDP every process takes part in gathering the full weights; the optimizer
+        # state stays out (each process holds only its shard of it).
+        full = self.accelerator.get_state_dict(self.model) if self.fsdp else None
+        if self.main:
+            loop.save_checkpoint(
+                cfg.out, self.nla, state, None if self.fsdp else self.optimizer, self.scheduler,
+                keep=cfg.keep_checkpoints,
+                write_weights=functools.partial(write_full_weights, self.nla, target, full) if self.fsdp else None)
+        self.accelerator.wait_for_everyone()
 
-    def run_eval() -> dict[str, float]:
-        model.eval()
-        result = task.evaluate(model, eval_examples, eval_vectors, device) if eval_examples else {}
-        model.train()
-        return result
+    # ------------------------------------------------------------ one step
+    def step(self, step: int) -> dict[str, Any]:
+        """Optimizer step ``step`` (0-based) of the plan: this process's micro-batches of the
+        global batch, the loss normalised over the global batch, a guarded optimizer step."""
+        cfg, accelerator, device = self.cfg, self.accelerator, self.device
+        started = time.perf_counter()
+        step_rows = self.plan[step]
+        mbs = micro_batches(step_rows, self.lengths, cfg.batch_size, cfg.grad_accum, self.world, self.rank)
+        # Loss units (AV: answer tokens, AR: rows) in the whole global batch: every process
+        # knows the plan, so it can normalise by the global count without communicating.
+        if self.target == "av":
+            global_units = sum(_answer_tokens(self.examples[i]) for i in step_rows)
+        else:
+            global_units = len(step_rows)
+        loss_total = torch.zeros((), device=device)
+        tokens = 0
+        for a, mb in enumerate(mbs):
+            batch = [self.examples[i] for i in mb]
+            tokens += sum(len(e.ids) for e in batch)
+            # DDP all-reduces the gradients on the last micro-batch only.
+            sync = a == len(mbs) - 1 or self.world == 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(self.model):
+                loss_sum, _ = self.task.loss_sum(self.model, batch, self.vectors, device)
+                accelerator.backward(loss_sum * (self.world / global_units))
+            loss_total += loss_sum.detach().float()
+        loss_global = float(accelerator.reduce(loss_total, reduction="sum")) / global_units
+        agree, clip = (self._agree, self._clip) if self.fsdp else (None, None)
+        stepped, grad_norm = loop.guarded_step(self.optimizer, self.params, cfg.max_grad_norm or None,
+                                               agree=agree, clip=clip)
+        self.scheduler.step()
+        tokens_global = int(accelerator.reduce(torch.tensor(tokens, device=device), reduction="sum"))
+        elapsed = time.perf_counter() - started
+        return {"loss": loss_global, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "skipped": not stepped, "tokens": tokens_global, "step_s": elapsed,
+                "tokens_per_s": tokens_global / max(elapsed, 1e-9)}
 
-    bar = loop.Progress(total, state.step, desc=f"train {target}", enabled=cfg.progress and main)
-    injector = task.injector if isinstance(task, AVTask) else None
-    if injector is not None:
-        injector.__enter__()
-    try:
-        if state.step == 0:
-            if main:
-                print(f"train {target}: {len(rows)} rows, {total} steps of {global_batch} rows "
-                      f"({world} process{'es' if world > 1 else ''}); padding {pad:.1%} "
-                      f"(ungrouped: {pad_random:.1%})")
-            start_eval = run_eval()
-            if target == "ar" and eval_examples:
-                # The mean-direction baseline the AR has to beat (docs/design.md §6).
-                mean = task.mean if isinstance(task, ARTask) else None
-                assert mean is not None
-                const = mean.unsqueeze(0).expand(len(eval_vectors), -1)
-                start_eval["baseline_fve_nrm"] = metrics.fve_nrm(const, eval_vectors, mean)
-            logger.log(0, {**start_eval, "padding_fraction": pad, "padding_fraction_ungrouped": pad_random,
-                           "processes": world, "global_batch": global_batch}, phase=f"{target}_eval")
+    # Under FSDP each process sees only its shard of the gradients: skip or step together, and
+    # clip by the norm of the whole model (FSDP's own clip_grad_norm_ all-reduces it).
+    def _agree(self, finite: bool) -> bool:
+        flags = self.accelerator.reduce(torch.tensor(float(finite), device=self.device), reduction="sum")
+        return bool(flags.item() == self.world)
 
-        while state.step < total:
-            if budget[0] is not None and budget[0] <= 0:
-                return False
-            started = time.perf_counter()
-            step_rows = plan[state.step]
-            mbs = micro_batches(step_rows, lengths, cfg.batch_size, cfg.grad_accum, world, rank)
-            # Loss units (AV: answer tokens, AR: rows) in the whole global batch: every process
-            # knows the plan, so it can normalise by the global count without communicating.
-            if target == "av":
-                global_units = sum(_answer_tokens(examples[i]) for i in step_rows)
-            else:
-                global_units = len(step_rows)
-            loss_total = torch.zeros((), device=device)
-            tokens = 0
-            for a, mb in enumerate(mbs):
-                batch = [examples[i] for i in mb]
-                tokens += sum(len(e.ids) for e in batch)
-                sync = a == len(mbs) - 1
-                ctx = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
-                with ctx:
-                    loss_sum, _ = task.loss_sum(model, batch, vectors, device)
-                    accelerator.backward(loss_sum * (world / global_units))
-                loss_total += loss_sum.detach().float()
-            loss_global = float(accelerator.reduce(loss_total, reduction="sum")) / global_units
-            stepped, grad_norm = loop.guarded_step(optimizer, params, cfg.max_grad_norm or None,
-                                                   agree=agree, clip=clip)
-            scheduler.step()
-            state.step += 1
-            if not stepped:
-                state.skipped_steps += 1
-                if main:
-                    print(f"train {target}: step {state.step}: NaN/inf gradient, step skipped")
-            if budget[0] is not None:
-                budget[0] -= 1
-            tokens_global = int(accelerator.reduce(torch.tensor(tokens, device=device), reduction="sum"))
-            elapsed = time.perf_counter() - started
-            bar.update(tokens_global, loss=loss_global)
-            if state.step % max(cfg.log_every, 1) == 0 or state.step == total or not stepped:
-                logger.log(state.step, {"loss": loss_global, "lr": scheduler.get_last_lr()[0],
-                                        "grad_norm": grad_norm, "skipped": not stepped,
-                                        "tokens": tokens_global, "step_s": elapsed,
-                                        "tokens_per_s": tokens_global / max(elapsed, 1e-9)}, phase=target)
-            last = state.step == total
-            if last or (cfg.eval_every and state.step % cfg.eval_every == 0):
-                logger.log(state.step, run_eval(), phase=f"{target}_eval")
-            if last or (cfg.save_every and state.step % cfg.save_every == 0):
-                state.done = last
-                if last:
-                    nla.meta.training[target] = {
-                        "steps": total, "rows": len(rows), "global_batch": global_batch, "lr": lr,
-                        "lora": cfg.lora, "skipped_steps": state.skipped_steps, "seed": cfg.seed,
-                    }
-                # Under FSDP every process takes part in gathering the full weights; the
-                # optimizer state stays out (each process holds only its shard of it).
-                full = accelerator.get_state_dict(model) if fsdp else None
-                if main:
-                    loop.save_checkpoint(
-                        cfg.out, nla, state, None if fsdp else optimizer, scheduler, keep=cfg.keep_checkpoints,
-                        write_weights=functools.partial(write_full_weights, nla, target, full) if fsdp else None)
-                accelerator.wait_for_everyone()
-    finally:
-        if injector is not None:
-            injector.__exit__(None, None, None)
-        bar.close()
-    module.eval()
-    return True
+    def _clip(self, limit: float) -> torch.Tensor:
+        return self.model.clip_grad_norm_(limit)  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """The task's held-out scores on the first ``--eval-rows`` labelled rows of ``--eval-split``."""
+        if not self.eval_examples:
+            return {}
+        self.model.eval()
+        try:
+            return self.task.evaluate(self.model, self.eval_examples, self.eval_vectors, self.device)
+        finally:
+            self.model.train()
+
+    def _log_start(self) -> None:
+        """Step 0: the untrained scores, the AR's mean-direction baseline, the plan's padding."""
+        if self.main:
+            print(f"train {self.target}: {self.n_rows} rows, {self.total} steps of {self.global_batch} rows "
+                  f"({self.world} process{'es' if self.world > 1 else ''}); padding {self.padding:.1%} "
+                  f"(ungrouped: {self.padding_ungrouped:.1%})")
+        start = self.evaluate()
+        if isinstance(self.task, ARTask) and self.eval_examples:
+            # The mean-direction baseline the AR has to beat (docs/design.md §6).
+            const = self.task.mean.unsqueeze(0).expand(len(self.eval_vectors), -1)
+            start["baseline_fve_nrm"] = metrics.fve_nrm(const, self.eval_vectors, self.task.mean)
+        self.logger.log(0, {**start, "padding_fraction": self.padding,
+                            "padding_fraction_ungrouped": self.padding_ungrouped,
+                            "processes": self.world, "global_batch": self.global_batch}, phase=f"{self.target}_eval")
+
+    # ------------------------------------------------------------ run
+    def train(self, resume_from: Path | None = None, max_steps_now: int | None = None) -> bool:
+        """Train to the end of the plan (True) or until ``max_steps_now`` steps were taken in this
+        invocation (False: ``--resume`` continues from the last checkpoint)."""
+        cfg, target = self.cfg, self.target
+        self.try_resume(resume_from)
+        state = self.state
+        log_every = max(cfg.log_every, 1)
+        bar = loop.Progress(self.total, state.step, desc=f"train {target}", enabled=cfg.progress and self.main)
+        injecting = self.task.injector if isinstance(self.task, AVTask) else contextlib.nullcontext()
+        try:
+            with injecting:
+                if state.step == 0:
+                    self._log_start()
+                while state.step < self.total:
+                    if max_steps_now is not None and self.steps_taken >= max_steps_now:
+                        return False
+                    record = self.step(state.step)
+                    state.step += 1
+                    self.steps_taken += 1
+                    if record["skipped"]:
+                        state.skipped_steps += 1
+                        if self.main:
+                            print(f"train {target}: step {state.step}: NaN/inf gradient, step skipped")
+                    bar.update(record["tokens"], loss=record["loss"])
+                    last = state.step == self.total
+                    if state.step % log_every == 0 or last or record["skipped"]:
+                        self.logger.log(state.step, record, phase=target)
+                    if last or (cfg.eval_every and state.step % cfg.eval_every == 0):
+                        self.logger.log(state.step, self.evaluate(), phase=f"{target}_eval")
+                    if last or (cfg.save_every and state.step % cfg.save_every == 0):
+                        self.save()
+        finally:
+            bar.close()
+        self.module.eval()
+        return True
 
 
 def is_fsdp(accelerator: Any) -> bool:
@@ -693,7 +776,7 @@ def write_full_weights(nla: Any, target: str, state_dict: dict[str, torch.Tensor
     """
     from safetensors.torch import save_file
 
-    from nla.bundle import VALUE_HEAD
+    from nla.names import VALUE_HEAD_FILE
 
     if state_dict is None:
         raise NLAError("FSDP checkpoint: no gathered state dict on the main process")
@@ -706,7 +789,7 @@ def write_full_weights(nla: Any, target: str, state_dict: dict[str, torch.Tensor
     if not trunk or "weight" not in head:
         raise NLAError(f"FSDP checkpoint: unexpected AR state dict keys {sorted(state_dict)[:4]}...")
     _unwrapped(nla.ar.trunk).save_pretrained(path / "ar", state_dict=trunk)
-    save_file(head, str(path / "ar" / VALUE_HEAD))
+    save_file(head, str(path / "ar" / VALUE_HEAD_FILE))
 
 
 def _unwrapped(model: Any) -> Any:
@@ -716,14 +799,6 @@ def _unwrapped(model: Any) -> Any:
 def _answer_tokens(e: Example) -> int:
     """Tokens that carry loss: the answer, minus the first (predicted from the prompt's last)."""
     return len(e.ids) - e.n_prompt
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # ---------------------------------------------------------------- CLI
