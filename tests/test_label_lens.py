@@ -11,7 +11,7 @@ from nla.cli import main
 from nla.data.store import ActivationDataset
 from nla.label.cache import LabelCache
 from nla.label.lens import LensTeacher
-from nla.label.prompt import parse_analysis, parse_explanation
+from nla.label.prompt import explanation_features, parse_analysis
 from nla.label.runner import LabelConfig, label
 
 
@@ -35,7 +35,7 @@ def test_lens_labels_every_row_deterministically(tiny_dataset: Path, tmp_path: P
     # different contexts, different explanations
     assert len(set(by_context.values())) == len(by_context)
     for r in rows:
-        features = parse_explanation(r["explanation"])
+        features = explanation_features(r["explanation"])
         assert parse_analysis("<analysis>\n" + r["explanation"] + "\n</analysis>") == features
         assert len(features) == 3
         # the short style: no sentence around the facts, each line led by one word
@@ -52,7 +52,7 @@ def test_lens_long_style_is_kept_and_never_mixed_with_short(tiny_dataset: Path, 
     data = copy(tiny_dataset, tmp_path / "d")
     assert main(["label", "--data", str(data), "--teacher", "lens-long", "--no-progress"]) == 0
     long = explanations(data)
-    assert all(e is not None and len(parse_explanation(e)[0].split()) >= 10 for e in long)
+    assert all(e is not None and len(explanation_features(e)[0].split()) >= 10 for e in long)
     assert ActivationDataset.open(data).meta.extra["labeling"]["lens_version"] == "lens-v1"
     short = LensTeacher("tiny:llama", device="cpu")
     assert short.cache_model != LensTeacher("tiny:llama", device="cpu", style="long").cache_model

@@ -25,11 +25,8 @@ import torch
 
 from nla.errors import NLAError
 from nla.meta import META_NAME, DatasetMeta, read_yaml, write_yaml
-
-SPLITS = ("av_sft", "ar_sft", "rl", "eval")
-TRAINING_SPLITS = ("av_sft", "ar_sft", "rl")
-MEAN_VECTOR_NAME = "mean_vector.safetensors"
-VECTOR_COLUMN = "activation_vector"
+from nla.names import MEAN_VECTOR_FILE as MEAN_VECTOR_NAME
+from nla.names import SPLITS, TRAINING_SPLITS, VECTOR_COLUMN
 
 
 def dataset_schema(d_model: int) -> pa.Schema:

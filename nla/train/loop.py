@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from nla.errors import NLAError
+from nla.names import write_json_atomic
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
@@ -172,10 +173,6 @@ class Progress:
         self.bar.set_postfix(tok_s=f"{rate:,.0f}", **shown)
         self.bar.update(1)
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / max(time.perf_counter() - self.started, 1e-9)
-
     def close(self) -> None:
         self.bar.close()
 
@@ -285,7 +282,7 @@ def save_checkpoint(run_dir: str | Path, nla: Any, state: TrainerState,
         blob["scheduler"] = scheduler.state_dict()
     torch.save(blob, path / STATE_PT)
     # Written last: its presence is what makes this a checkpoint.
-    _write_json(path / STATE_JSON, asdict(state))
+    write_json_atomic(path / STATE_JSON, asdict(state))
     if keep is not None:
         prune_checkpoints(run_dir, state.phase, keep)
     return path
@@ -368,12 +365,6 @@ def publish_bundle(nla: Any, run_dir: str | Path) -> None:
             target.unlink()
         os.replace(entry, target)
     side.rmdir()
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- plots
