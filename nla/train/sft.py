@@ -35,14 +35,18 @@ from nla.meta import read_yaml, write_yaml
 from nla.models.injection import check_vectors
 from nla.models.loading import check_4bit_available, load_in_4bit
 from nla.train import loop
+from nla.train.adapt import av_explanations, mixed_rows
 
 TARGETS = ("av", "ar")
 CONFIG_FILE = "train_config.yaml"
 # Settings that may change between a run and its resume without changing its results.
 RESUME_FREE = frozenset({"resume", "force", "progress", "device", "tensorboard", "wandb", "wandb_project",
                          "stop_after_steps", "save_every", "keep_checkpoints"})
+ADAPT = "ar_adapt"  # the phase after "ar" that adapts the AR to the AV's words (nla/train/adapt.py)
+ADAPT_ANSWERS = "ar_adapt_answers.jsonl"  # the AV's cached answers, in the run folder
 # What an SFT run writes into --out: --force removes exactly these (nla.config.claim_output).
-SFT_OWNED = (*BUNDLE_ENTRIES, CONFIG_FILE, loop.METRICS_FILE, loop.PLOT_FILE, loop.CHECKPOINTS, "tensorboard", "wandb")
+SFT_OWNED = (*BUNDLE_ENTRIES, CONFIG_FILE, loop.METRICS_FILE, loop.PLOT_FILE, loop.CHECKPOINTS, ADAPT_ANSWERS,
+             "tensorboard", "wandb")
 # Settings renamed by the one config contract (docs/design.md §1): a run saved before the
 # rename still resumes (its train_config.yaml is read with the new names).
 _RENAMED = {"init": "nla", "precision": "dtype"}
@@ -79,6 +83,12 @@ class SFTConfig:
     epochs: float = opt(1.0, help="passes over the training split (fractions allowed)")
     max_steps: int | None = opt(None, help="optimizer steps per model (overrides --epochs)")
     ar_max_steps: int | None = opt(None, help="AR optimizer steps (default: --max-steps)")
+    ar_adapt_steps: int = opt(0, help="after the AR phase, AR steps on the AV's own (greedy) explanations of --ar-adapt-rows "
+                              "ar_sft rows, mixed with teacher labels: the AR learns what the AV's words are worth (0: off)")
+    ar_adapt_rows: int = opt(512, help="ar_adapt: ar_sft rows the AV explains (a seeded sample; answers cached in --out)")
+    ar_adapt_lr: float = opt(2e-4, help="ar_adapt: AR learning rate (the value head keeps its AR-phase ratio --head-lr/--ar-lr)")
+    ar_adapt_teacher_fraction: float = opt(0.5, help="ar_adapt: fraction of rows that are teacher labels")
+    ar_adapt_max_new_tokens: int = opt(72, help="ar_adapt: most tokens per AV answer (as `nla eval --max-new-tokens`)")
     warmup_ratio: float = opt(0.05, help="fraction of steps of linear warm-up before the cosine decay")
     min_lr_ratio: float = opt(0.0, help="the cosine decays to this fraction of the learning rate")
     max_grad_norm: float = opt(1.0, help="gradient clipping norm (0: off)")
@@ -446,6 +456,10 @@ def check_settings(cfg: SFTConfig, targets: list[str] | None) -> list[str]:
         raise NLAError("train: --batch-size and --grad-accum must be ≥ 1")
     if cfg.eval_split not in SPLITS:
         raise NLAError(f"train: --eval-split {cfg.eval_split!r} is not a split (choose from {', '.join(SPLITS)})")
+    if cfg.ar_adapt_steps < 0 or cfg.ar_adapt_rows < 1 or cfg.ar_adapt_max_new_tokens < 1:
+        raise NLAError("train: --ar-adapt-steps must be ≥ 0, --ar-adapt-rows and --ar-adapt-max-new-tokens ≥ 1")
+    if not 0 <= cfg.ar_adapt_teacher_fraction < 1:
+        raise NLAError(f"train: --ar-adapt-teacher-fraction must be in [0, 1), got {cfg.ar_adapt_teacher_fraction}")
     if cfg.load_in_4bit:
         if not cfg.lora:
             raise NLAError("--load-in-4bit trains LoRA adapters on frozen 4-bit weights; --no-lora cannot update them")
@@ -488,9 +502,13 @@ def train_sft(cfg: SFTConfig, targets: list[str] | None = None) -> Any:
     logger = loop.MetricsLogger(run, tensorboard=cfg.tensorboard, wandb=cfg.wandb, wandb_project=cfg.wandb_project,
                                 enabled=accelerator.is_main_process)
     done_ck: Path | None = None
+    phases = list(targets)
+    # Adapting the AR to the AV's words needs a trained AV: this run's, or the --nla bundle's.
+    if "ar" in targets and cfg.ar_adapt_steps > 0 and ("av" in targets or cfg.nla):
+        phases.append(ADAPT)
     budget = cfg.stop_after_steps  # steps left in this invocation, over all phases
     try:
-        for target in targets:
+        for target in phases:
             ck = loop.latest_checkpoint(run, target) if cfg.resume else None
             if ck is not None and loop.load_trainer_state(ck).done:
                 nla, done_ck = None, ck
@@ -554,19 +572,25 @@ class SFTTrainer:
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.main = bool(accelerator.is_main_process)
         self.task: Task
+        ar_lr = cfg.ar_lr if cfg.ar_lr is not None else cfg.lr
         if target == "av":
             self.task = AVTask(nla, cfg)
             self.lr = cfg.lr
             max_steps = cfg.max_steps
         else:
             self.task = ARTask(nla, cfg, dataset.mean_vector().float())
-            self.lr = cfg.ar_lr if cfg.ar_lr is not None else cfg.lr
-            max_steps = cfg.ar_max_steps if cfg.ar_max_steps is not None else cfg.max_steps
+            self.lr = ar_lr if target == "ar" else cfg.ar_adapt_lr
+            max_steps = cfg.ar_adapt_steps if target == ADAPT else (
+                cfg.ar_max_steps if cfg.ar_max_steps is not None else cfg.max_steps)
+        # The value head keeps the ratio to the trunk's learning rate it had in the AR phase.
+        self.head_lr = (cfg.head_lr if cfg.head_lr is not None else ar_lr) * self.lr / ar_lr
 
         rows, self.vectors = labelled(with_tags(dataset, self.task.split), dataset.vectors(self.task.split))
         if not rows:
             raise NLAError(f"{cfg.data}: no labelled rows in split {self.task.split!r}; "
                            f"run `nla label --data {cfg.data}` first")
+        if target == ADAPT:
+            rows, self.vectors = self._adaptation_rows(rows, self.vectors)
         self.n_rows = len(rows)
         eval_rows, eval_vectors = labelled(with_tags(dataset, cfg.eval_split), dataset.vectors(cfg.eval_split))
         eval_rows, self.eval_vectors = eval_rows[: cfg.eval_rows], eval_vectors[: cfg.eval_rows]
@@ -582,7 +606,7 @@ class SFTTrainer:
 
         self.module = self.task.module()
         if cfg.gradient_checkpointing:
-            inner: Any = self.module.trunk if target == "ar" else self.module
+            inner: Any = self.module.trunk if target != "av" else self.module
             inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
             # Non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads.
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -601,14 +625,33 @@ class SFTTrainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
-        if self.target != "ar":
+        if self.target == "av":
             return torch.optim.AdamW(self.params, lr=self.lr, weight_decay=cfg.weight_decay)
         # The value head may take its own learning rate (--head-lr).
         head = list(self.nla.ar.value_head.parameters())
         head_ids = {id(p) for p in head}
         groups = [{"params": [p for p in self.params if id(p) not in head_ids], "lr": self.lr},
-                  {"params": head, "lr": cfg.head_lr if cfg.head_lr is not None else self.lr}]
+                  {"params": head, "lr": self.head_lr}]
         return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+
+    def _adaptation_rows(self, rows: list[dict[str, Any]], vectors: torch.Tensor) -> tuple[list[dict[str, Any]], torch.Tensor]:
+        """ar_adapt's rows: the AV's answers for a seeded sample of the split's rows, plus teacher rows.
+
+        Every process generates the same greedy answers; the main one caches them in --out, so a
+        killed run asks the AV again only for the chunks it lacks.
+        """
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed)
+        picked = sorted(torch.randperm(len(rows), generator=gen)[: cfg.ar_adapt_rows].tolist())
+        keys = [f"{rows[i].get('doc_id')}\x00{rows[i].get('position')}" for i in picked]
+        texts = av_explanations(
+            self.nla.verbalizer, vectors[picked], keys, cache=Path(cfg.out) / ADAPT_ANSWERS if self.main else None,
+            max_new_tokens=cfg.ar_adapt_max_new_tokens, batch_size=max(cfg.batch_size, 32),
+            progress=cfg.progress and self.main)
+        av_rows = [{**rows[i], "explanation": t, "_row": i} for i, t in zip(picked, texts, strict=True)]
+        teacher = [{**r, "_row": i} for i, r in enumerate(rows)]
+        mixed = mixed_rows(av_rows, teacher, cfg.ar_adapt_teacher_fraction, cfg.seed)
+        return mixed, vectors[[r["_row"] for r in mixed]]
 
     # ------------------------------------------------------------ checkpoints
     def try_resume(self, ckpt: Path | None) -> bool:
