@@ -7,7 +7,7 @@ All three methods run over exactly the same padded batches (the ones ``nla extra
 documents tokenized, sorted by length, batched), interleaved round by round so a noisy machine
 slows all three alike; each figure is the median of ``--rounds`` timed passes after a warm-up.
 
-* **ours** — :class:`nla.data.extract.BlockOutput` + :func:`block_states`, the code ``nla
+* **ours** — :class:`nla.models.forward.BlockOutput` + :func:`block_states`, the code ``nla
   extract`` runs: a hook on block K raises, so later blocks, the final norm and the LM head
   never run.
 * **floor** — a copy of the model truncated to blocks 0..K (:func:`truncate_blocks`), called
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from nla.data.corpus import load_corpus
-from nla.data.extract import BlockOutput, block_states, pad_batch
+from nla.models.forward import BlockOutput, block_states, pad_batch
 from nla.models.layers import default_layer, num_layers, truncate_blocks
 from nla.models.loading import load_model
 

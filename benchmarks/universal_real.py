@@ -24,7 +24,7 @@ from pathlib import Path
 
 from nla.bundle import NLA
 from nla.errors import NLAError
-from nla.interop.universal import UniversalNLA
+from nla.universal.bundle import UniversalNLA
 from nla.universal.extract import UniversalData
 
 

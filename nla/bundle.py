@@ -35,11 +35,7 @@ from nla.models.prompts import (
 from nla.models.reconstructor import Reconstructor, load_trunk
 from nla.models.sharing import SharedParameter, share_frozen_base, unshare
 from nla.models.verbalizer import InjectionSettings, Verbalization, Verbalizer
-
-BUNDLE_KIND = "nla_bundle"
-BUNDLE_SCHEMA_VERSION = 1
-VALUE_HEAD = "value_head.safetensors"
-MEAN_VECTOR = "mean_vector.safetensors"
+from nla.names import BUNDLE_KIND, BUNDLE_SCHEMA_VERSION, MEAN_VECTOR_FILE, VALUE_HEAD_FILE
 
 
 @dataclass
@@ -420,9 +416,9 @@ class NLA:
             trunk = load_trunk(str(ar_dir), None, torch_dtype)
         ar = Reconstructor(trunk, tokenizer, meta.prompt_templates["ar"])
         ar.add_special_tokens = bool(meta.extra.get("ar_add_special_tokens", True))
-        head_file = ar_dir / VALUE_HEAD
+        head_file = ar_dir / VALUE_HEAD_FILE
         if not head_file.exists():
-            raise NLAError(f"{ar_dir}: missing {VALUE_HEAD}")
+            raise NLAError(f"{ar_dir}: missing {VALUE_HEAD_FILE}")
         # Re-applied after any adapter load: PEFT knows nothing of the value head.
         head = load_file(str(head_file))
         if "weight" not in head or tuple(head["weight"].shape) != (meta.d_model, meta.d_model):
@@ -436,7 +432,7 @@ class NLA:
         if not is_trainable:
             av_model.eval()
             ar.eval()
-        mean = load_file(str(root / MEAN_VECTOR))["mean"].float() if (root / MEAN_VECTOR).exists() else None
+        mean = load_file(str(root / MEAN_VECTOR_FILE))["mean"].float() if (root / MEAN_VECTOR_FILE).exists() else None
         nla = cls(meta, av_model, ar, tokenizer, mean)
         nla.share_frozen_base()
         return nla
@@ -459,9 +455,9 @@ class NLA:
         head = {"weight": self.ar.value_head.weight.detach().float().cpu().contiguous()}
         if self.ar.value_head.bias is not None:
             head["bias"] = self.ar.value_head.bias.detach().float().cpu().contiguous()
-        save_file(head, str(tmp / "ar" / VALUE_HEAD))
+        save_file(head, str(tmp / "ar" / VALUE_HEAD_FILE))
         if self.mean_vector is not None:
-            save_file({"mean": self.mean_vector.float().contiguous()}, str(tmp / MEAN_VECTOR))
+            save_file({"mean": self.mean_vector.float().contiguous()}, str(tmp / MEAN_VECTOR_FILE))
         write_yaml(tmp / META_NAME, self.meta.to_dict())
         old = root.with_name(root.name + ".old")
         if root.exists():
@@ -508,7 +504,7 @@ class NLA:
         disabled (no second copy); a fully fine-tuned AV is not the base, so the base is loaded
         once on first use.
         """
-        from nla.data.extract import BlockOutput, block_states
+        from nla.models.forward import BlockOutput, block_states
         from nla.models.loading import load_model
 
         ids = list(text) if isinstance(text, list) else self.tokenizer.encode(text, add_special_tokens=True)

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from nla.errors import NLAError
 from nla.meta import read_yaml, write_yaml
+from nla.names import DATASET_KIND, MEAN_VECTOR_FILE, META_NAME
 
 T = TypeVar("T")
 
@@ -114,8 +115,6 @@ def convention(name: str) -> Check | None:
         return Check(ge=0, le=65535)  # 0: any free port
     if name == "dtype":
         return Check(choices=DTYPE_CHOICES)
-    if name == "precision":
-        return Check(choices=("fp32", "bf16"))
     return None
 
 
@@ -368,14 +367,12 @@ def save_config(config: Any, path: str | Path) -> None:
 # ---------------------------------------------------------------- the output guard
 # What a bundle folder holds (nla/bundle.py, NLA.save_pretrained): a writer that swaps a whole
 # bundle folder in may replace these and nothing else.
-BUNDLE_ENTRIES = ("av", "ar", "nla_meta.yaml", "mean_vector.safetensors")
+BUNDLE_ENTRIES = ("av", "ar", META_NAME, MEAN_VECTOR_FILE)
 # Our own temporary names (atomic writes, the pipeline's stamp): never "someone else's files".
 _OWN_TEMPS = (".bundle.tmp", ".nla_stage.json", ".*.tmp*")
 
 
 def _dataset_sidecar(out: Path) -> bool:
-    from nla.meta import DATASET_KIND, META_NAME
-
     meta = out / META_NAME
     if not meta.is_file():
         return False

@@ -8,7 +8,6 @@ one used in training is exactly the silent failure this prevents).
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -18,10 +17,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import yaml
 
 from nla.errors import NLAError
+from nla.names import DATASET_KIND, DATASET_SCHEMA_VERSION, META_NAME, write_text_atomic
 
-DATASET_KIND = "nla_dataset"
-DATASET_SCHEMA_VERSION = 1
-META_NAME = "nla_meta.yaml"
+__all__ = ["DATASET_KIND", "DATASET_SCHEMA_VERSION", "META_NAME", "DatasetMeta", "read_yaml", "redact_secrets",
+           "require", "write_yaml"]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -99,13 +98,7 @@ def write_yaml(path: str | Path, data: dict[str, Any]) -> None:
     path = Path(path)
     if path.is_dir():
         raise NLAError(f"{path}: is a folder, expected a YAML file path")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(yaml.safe_dump(redact_secrets(data), sort_keys=False, allow_unicode=True), encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written temp file behind
-        raise
+    write_text_atomic(path, yaml.safe_dump(redact_secrets(data), sort_keys=False, allow_unicode=True))
 
 
 def require(data: dict[str, Any], dotted: str, where: str | Path, kind: type | tuple = object,

@@ -81,7 +81,6 @@ class Stage:
     estimate_s: float = 0.0
     estimate_mb: float = 0.0
     depends: list[str] = field(default_factory=list)
-    reset: Callable[[], None] | None = None  # undo side effects outside `output` before a redo
     fingerprint: str = ""
     counts: dict[str, int] = field(default_factory=dict)  # rows done / failed, recorded in the stamp
     wall_s: float = 0.0  # seconds the stage ran, recorded in the stamp and printed with the result
@@ -225,9 +224,9 @@ def run_pipeline(cfg: RunConfig, *, dry_run: bool = False, rebuild: bool = False
         if status == "done":
             continue
         if status == "stale":
+            # Every stage writes only inside its own folder (labels included: docs/design.md §3),
+            # so deleting the folder undoes all of it.
             shutil.rmtree(stage.output, ignore_errors=True)
-            if stage.reset is not None:
-                stage.reset()
         print(f"\n== {stage.name} ==", flush=True)
         started = time.perf_counter()
         stage.run()

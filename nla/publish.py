@@ -231,7 +231,7 @@ def card_body(meta: dict[str, Any], metrics: dict[str, Any] | None, name: str, c
     universal = kind == "universal"
     lines += ["## How to load", "", "With `nla` (`pip install nla`):", "", "```python",
               *(["from huggingface_hub import snapshot_download"] if repo else []),
-              "from nla.interop.universal import UniversalNLA" if universal else "from nla import NLA", "",
+              "from nla.universal.bundle import UniversalNLA" if universal else "from nla import NLA", "",
               f"path = snapshot_download({json.dumps(repo)})" if repo else f"path = {json.dumps(where)}",
               "nla = UniversalNLA.from_pretrained(path)" if universal else "nla = NLA.from_pretrained(path)",
               "print(nla.round_trip(nla.tags[0], vectors))  # vectors: [n, d] of that model" if universal
@@ -309,7 +309,7 @@ def publish(run: str | Path, out: str | Path, *, report: str | Path | None = Non
             license: str | None = None, dataset: str | None = None, repo: str | None = None,
             force: bool = False) -> dict[str, Any]:
     """Write the publishable folder atomically (``OUT.tmp`` then swapped in)."""
-    from nla.bundle import BUNDLE_KIND
+    from nla.names import BUNDLE_KIND
 
     run = Path(run)
     out = Path(out)

@@ -47,10 +47,14 @@ def make_stages(cfg: RunConfig) -> list[Stage]:
               estimate_s=docs * 0.3, estimate_mb=docs * ex.positions_per_doc * 2.6 / 1000 * 4 + 1),
     ]
 
-    # The request cache lives outside the stage folders so answers already paid for survive a
-    # --rebuild of the dataset.
+    # The labels table is the label stage's own folder (docs/design.md §3, "Labels"): redoing the
+    # stage deletes that folder and nothing else, and the dataset is never rewritten. Later stages
+    # read the dataset through it (`--data WORK/label` joins the table as `explanation`). The
+    # request cache lives outside the stage folders so answers already paid for survive a
+    # --rebuild of either.
     lab = _resolve(LabelConfig, {"teacher": cfg.teacher, "device": cfg.device, "data": str(data_dir),
-                                 "cache": str(work / "label_cache.sqlite")}, cfg.label, "label")
+                                 "out": str(label_dir), "cache": str(work / "label_cache.sqlite")},
+                   cfg.label, "label")
 
     def run_label() -> None:
         # A run with failed rows raises (unless label.allow_partial): the stage is not stamped,
@@ -60,19 +64,21 @@ def make_stages(cfg: RunConfig) -> list[Stage]:
         label_stage.counts = {"todo": summary.todo, "labelled": summary.labelled, "cached": summary.cached,
                               "failed": summary.failed}
 
-    label_stage = Stage("label", _settings(lab, ("data", "device", "progress", "cache", "concurrency",
-                                                 "allow_partial")),
-                        run_label, label_dir, estimate_s=docs * ex.positions_per_doc * 0.08, estimate_mb=1,
-                        depends=["extract"], reset=lambda: clear_explanations(data_dir))
+    label_stage = Stage("label", _settings(lab, ("data", "out", "force", "device", "progress", "cache",
+                                                 "concurrency", "allow_partial")),
+                        run_label, label_dir, estimate_mb=1,
+                        # The lens teacher reads stored next tokens without a forward pass.
+                        estimate_s=docs * ex.positions_per_doc * (0.005 if ex.next_tokens and cfg.teacher == "lens" else 0.08),
+                        depends=["extract"])
     stages.append(label_stage)
 
     # resume=True: an interrupted training stage continues from its last checkpoint.
-    sft = _resolve(SFTConfig, {**shared, "data": str(data_dir), "out": str(sft_dir), "resume": True}, cfg.sft, "sft")
+    sft = _resolve(SFTConfig, {**shared, "data": str(label_dir), "out": str(sft_dir), "resume": True}, cfg.sft, "sft")
     stages.append(Stage("sft", _settings(sft, ("data", "out", "device", "resume", "force", "progress")), lambda: train_sft(sft), sft_dir,
                         estimate_s=_sft_estimate(sft), estimate_mb=60, depends=["label"]))
     # The SFT bundle is always evaluated: with RL it is the baseline RL must beat, on the same
     # rows with the same settings.
-    ev = _resolve(EvalConfig, {**shared, "nla": str(sft_dir), "data": str(data_dir), "out": str(eval_dir)},
+    ev = _resolve(EvalConfig, {**shared, "nla": str(sft_dir), "data": str(label_dir), "out": str(eval_dir)},
                   cfg.eval, "eval")
     eval_estimate = (ev.max_rows or 256) * 1.0 * (1 + ev.best_of)
     stages.append(Stage("eval", _settings(ev, ("nla", "data", "out", "device", "progress")), lambda: run_eval(ev), eval_dir,
@@ -80,7 +86,7 @@ def make_stages(cfg: RunConfig) -> list[Stage]:
     if cfg.rl:
         from nla.train.rl import RLConfig, train_rl
 
-        rl = _resolve(RLConfig, {**shared, "nla": str(sft_dir), "data": str(data_dir), "out": str(rl_dir),
+        rl = _resolve(RLConfig, {**shared, "nla": str(sft_dir), "data": str(label_dir), "out": str(rl_dir),
                                  "resume": True}, cfg.rl_train, "rl")
         stages.append(Stage("rl", _settings(rl, ("nla", "data", "out", "device", "resume", "force", "progress")),
                             lambda: train_rl(rl), rl_dir,
@@ -90,20 +96,6 @@ def make_stages(cfg: RunConfig) -> list[Stage]:
                             lambda: run_eval(ev_rl), work / "eval_rl", estimate_s=eval_estimate, estimate_mb=5,
                             depends=["rl"]))
     return stages
-
-
-def clear_explanations(data_dir: Path) -> None:
-    """Labels made with other settings must go, or `nla label` would skip those rows as done."""
-    import pyarrow as pa
-
-    from nla.data.store import ActivationDataset
-
-    if not data_dir.exists():
-        return
-    ds = ActivationDataset.open(data_dir)
-    for shard, table in ds.iter_shards():
-        i = table.column_names.index("explanation")
-        ds.replace_shard(shard, table.set_column(i, "explanation", pa.nulls(table.num_rows, pa.string())))
 
 
 def _sft_estimate(sft: Any) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nla.data.store import ActivationDataset
-from nla.label.prompt import parse_analysis, parse_explanation
+from nla.label.prompt import explanation_features, parse_analysis
 from nla.label.runner import LabelConfig, label
 from nla.train.loop import read_metrics
 from nla.train.sft import SFTConfig, train_sft
@@ -29,7 +29,7 @@ def test_default_recipe_labels_parse_and_av_loss_falls(tmp_path: Path) -> None:
     summary = label(LabelConfig(data=str(data), progress=False, device="cpu", batch_size=64))
     assert summary.failed == 0 and summary.labelled > 0
     for row in ActivationDataset.open(data).rows():
-        features = parse_explanation(row["explanation"])
+        features = explanation_features(row["explanation"])
         assert parse_analysis("<analysis>\n" + row["explanation"] + "\n</analysis>") == features
         assert [f.split()[0] for f in features] == ["ends", "predicts", "about"]
 

@@ -16,16 +16,15 @@ from conftest import TINY_ARCHS, make_dataset
 
 from nla.data.corpus import load_corpus
 from nla.data.extract import (
-    BlockOutput,
     ExtractConfig,
     assign_split,
-    block_states,
     extract,
     parse_split,
     sample_positions,
 )
 from nla.data.store import SPLITS, ActivationDataset
 from nla.errors import NLAError
+from nla.models.forward import BlockOutput, block_states
 from nla.models.layers import decoder_blocks
 from nla.models.loading import load_model
 

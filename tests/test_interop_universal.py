@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from test_interop_reference import captured_embeddings, chat_ids, replace_embeds, tiny_path
 
 from nla.errors import NLAError
-from nla.interop import UniversalNLA, detect_layout, import_layout
+from nla.interop import detect_layout, import_layout
+from nla.universal.bundle import UniversalNLA
 
 K = 2
 CHAR = chr(0x3223)

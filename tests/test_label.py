@@ -30,6 +30,11 @@ KEY = "sk-test-NLA-FAKE-KEY-0123456789abcdef"
 REPO = Path(__file__).resolve().parents[1]
 
 
+def fake_table(data: Path) -> Path:
+    """Where the fake teacher's labels go by default (DATA/labels/<teacher>)."""
+    return data / "labels" / f"openai-{FAKE_MODEL}"
+
+
 @pytest.fixture
 def data(tiny_dataset: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny dataset (labeling writes in place)."""
@@ -82,11 +87,13 @@ def test_chaos_server_every_row_labelled_or_failed_once(data: Path, api_key: str
         assert stats.answered[row["context"]] == 1  # one paid, well-formed answer per passage
     assert sum(stats.answered.values()) == summary.labelled
     assert summary.input_tokens > 0 and summary.output_tokens > 0
-    labeling = ActivationDataset.open(data).meta.extra["labeling"]
+    labeling = ActivationDataset.open(data).labeling
+    assert labeling is not None
     assert labeling["teacher"] == f"openai:{FAKE_MODEL}"
     assert labeling["prompt_version"] == PROMPT_VERSION
     assert labeling["api_key_env"] == "OPENAI_API_KEY"
-    assert read_yaml(data / "label_config.yaml")["teacher"] == f"openai:{FAKE_MODEL}"
+    assert labeling["rows_labelled"] == summary.labelled
+    assert read_yaml(fake_table(data) / "label_config.yaml")["teacher"] == f"openai:{FAKE_MODEL}"
     assert_no_secret([data], out.out, out.err)
 
     # A re-run asks nothing: labelled rows are skipped.
@@ -168,6 +175,7 @@ def test_missing_context_column(tmp_path: Path) -> None:
     pq.write_table(pa.table({"activation_vector": vecs}), path)
     with pytest.raises(NLAError, match="no 'context' column"):
         label(LabelConfig(data=str(path), teacher="lens:tiny:llama", progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["published.parquet"]  # nothing half-made
 
 
 def test_fatal_error_mid_run_keeps_finished_rows(data: Path, api_key: str) -> None:
@@ -213,6 +221,11 @@ def test_sigkill_then_rerun_repeats_nothing(data: Path, api_key: str) -> None:
     assert summary.cached >= len(done)
     table = rows(data)
     assert all(r["explanation"] == format_explanation(fake_features(r["context"])) for r in table)
+    # The labels table holds every row exactly once: none lost to the kill, none written twice.
+    parts = pa.concat_tables(pq.read_table(p) for p in sorted(fake_table(data).glob("*.parquet")))
+    keys = list(zip(parts.column("doc_id").to_pylist(), parts.column("position").to_pylist()))
+    assert len(keys) == len(set(keys)) == len(table)
+    assert set(keys) == {(r["doc_id"], r["position"]) for r in table}
 
 
 def test_keys_inside_the_base_url_never_reach_disk_or_console(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -226,7 +239,7 @@ def test_keys_inside_the_base_url_never_reach_disk_or_console(data: Path, capsys
         assert main(["label", "--data", str(data), "--teacher", f"openai:{FAKE_MODEL}", "--no-progress",
                      "--base-url", f"{server.url}/v1?api-key={query_key}", "--limit", "4"]) == 0
     out = capsys.readouterr()
-    saved = read_yaml(data / "label_config.yaml")["base_url"]
+    saved = read_yaml(fake_table(data) / "label_config.yaml")["base_url"]
     assert saved.endswith("/v1?api-key=REDACTED") and query_key not in saved
     for f in [p for p in data.rglob("*") if p.is_file()]:
         blob = f.read_bytes()

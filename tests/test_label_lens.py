@@ -41,7 +41,8 @@ def test_lens_labels_every_row_deterministically(tiny_dataset: Path, tmp_path: P
         # the short style: no sentence around the facts, each line led by one word
         assert [f.split()[0] for f in features] == ["ends", "predicts", "about"], features
         assert all(len(f.split()) <= 12 for f in features), features
-    meta = ActivationDataset.open(a).meta.extra["labeling"]
+    meta = ActivationDataset.open(a).labeling
+    assert meta is not None
     assert meta["teacher"] == "lens:tiny:llama" and meta["rows_labelled"] == len(rows)
     assert meta["lens_version"] == "lens-v2"
 
@@ -53,7 +54,7 @@ def test_lens_long_style_is_kept_and_never_mixed_with_short(tiny_dataset: Path, 
     assert main(["label", "--data", str(data), "--teacher", "lens-long", "--no-progress"]) == 0
     long = explanations(data)
     assert all(e is not None and len(explanation_features(e)[0].split()) >= 10 for e in long)
-    assert ActivationDataset.open(data).meta.extra["labeling"]["lens_version"] == "lens-v1"
+    assert (ActivationDataset.open(data).labeling or {})["lens_version"] == "lens-v1"
     short = LensTeacher("tiny:llama", device="cpu")
     assert short.cache_model != LensTeacher("tiny:llama", device="cpu", style="long").cache_model
     assert short.spec == "lens:tiny:llama"
@@ -112,4 +113,4 @@ def test_lens_on_embedded_default(tmp_path: Path) -> None:
     rows = ActivationDataset.open(data).rows()
     assert summary.labelled == len(rows) > 0 and summary.failed == 0
     assert len({r["explanation"] for r in rows}) == len({r["context"] for r in rows})
-    assert ActivationDataset.open(data).meta.extra["labeling"]["model"] == "smollm2-135m"
+    assert (ActivationDataset.open(data).labeling or {})["model"] == "smollm2-135m"

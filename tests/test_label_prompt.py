@@ -8,11 +8,11 @@ from hypothesis import strategies as st
 from nla.label.prompt import (
     PROMPT_VERSION,
     build_messages,
+    explanation_features,
     format_analysis,
     format_explanation,
     normalize_answer,
     parse_analysis,
-    parse_explanation,
 )
 
 F1 = "The passage defines Python's assert statement and its grammar in a reference manual."
@@ -59,7 +59,7 @@ def test_malformed_answers_are_rejected() -> None:
 def test_canonical_form() -> None:
     stored = normalize_answer(f"<analysis>\n1.   {F1}\n2. {F2}   \n</analysis>")
     assert stored == f"- {F1}\n- {F2}"
-    assert parse_explanation(stored) == [F1, F2]
+    assert explanation_features(stored) == [F1, F2]
     assert normalize_answer(format_analysis([F1, F2])) == stored
 
 
@@ -68,4 +68,4 @@ def test_canonical_form() -> None:
 def test_round_trip(words: list[list[str]]) -> None:
     features = [" ".join(w) for w in words]
     assert parse_analysis(format_analysis(features)) == features
-    assert parse_explanation(format_explanation(features)) == features
+    assert explanation_features(format_explanation(features)) == features

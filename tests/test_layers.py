@@ -9,8 +9,8 @@ import torch
 from conftest import TINY_ARCHS
 from torch import nn
 
-from nla.data.extract import BlockOutput
 from nla.errors import NLAError
+from nla.models.forward import BlockOutput
 from nla.models.layers import (
     check_layer,
     decoder_blocks,

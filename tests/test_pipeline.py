@@ -64,8 +64,11 @@ def test_every_artifact_exists_and_the_bundle_loads(finished_run: Path) -> None:
     for stage in ["extract", "label", "sft", "eval"]:
         folder = {"extract": "data"}.get(stage, stage)
         assert (finished_run / folder / ".nla_stage.json").exists(), stage
-    ds = ActivationDataset.open(finished_run / "data")
+    # The labels are the label stage's own table, read through it; the dataset holds none.
+    ds = ActivationDataset.open(finished_run / "label")
     assert all(r["explanation"] for r in ds.rows())
+    assert ds.labels is not None and ds.labels.meta["teacher"] == "lens:tiny:llama"
+    assert ActivationDataset.open(finished_run / "data").table(["explanation"]).column("explanation").null_count == len(ds)
     nla = NLA.from_pretrained(finished_run / "sft")
     assert nla.reconstruct(["a test"]).shape == (1, nla.meta.d_model)
     metrics = json.loads((finished_run / "eval" / "metrics.json").read_text())
@@ -113,6 +116,35 @@ def test_rebuild_redoes_downstream_only(tmp_path: Path, finished_run: Path) -> N
     proc = nla_run(str(changed), "--work-dir", str(work), "--rebuild")
     assert "== eval ==" in proc.stdout and "== sft ==" not in proc.stdout and "== extract ==" not in proc.stdout
     assert (work / "data" / ".nla_stage.json").read_text() == data_stamp
+    assert statuses(changed, work) == {"extract": "done", "label": "done", "sft": "done", "eval": "done"}
+
+
+def test_teacher_change_relabels_without_touching_the_dataset(tmp_path: Path, finished_run: Path) -> None:
+    """Labels live in the label stage's own folder (docs/design.md §3), so redoing the stage
+    needs nothing outside it: a rebuilt run with another teacher trains on that teacher's labels
+    only, and the dataset's files stay byte for byte as extraction wrote them."""
+    import shutil
+
+    from nla.data.store import ActivationDataset
+    from nla.label.prompt import parse_analysis
+
+    work = tmp_path / "work"
+    shutil.copytree(finished_run, work)
+    dataset = {p.name: p.read_bytes() for p in (work / "data").iterdir() if p.is_file()}
+    config = yaml.safe_load(TINY.read_text())
+    config["teacher"] = "lens-long"
+    changed = tmp_path / "long.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    assert statuses(changed, work) == {"extract": "done", "label": "stale", "sft": "stale", "eval": "stale"}
+    proc = nla_run(str(changed), "--work-dir", str(work), "--rebuild")
+    assert "== label ==" in proc.stdout and "== extract ==" not in proc.stdout and "== result ==" in proc.stdout
+    ds = ActivationDataset.open(work / "label")
+    assert ds.labels is not None and ds.labels.meta["provider"] == "lens-long"
+    # every row in the long style (10+ words a feature), none left over from the short one
+    for r in ds.rows():
+        features = parse_analysis(f"<analysis>\n{r['explanation']}\n</analysis>")
+        assert features is not None and len(features[0].split()) >= 10, r["explanation"]
+    assert {p.name: p.read_bytes() for p in (work / "data").iterdir() if p.is_file()} == dataset
     assert statuses(changed, work) == {"extract": "done", "label": "done", "sft": "done", "eval": "done"}
 
 
@@ -211,7 +243,7 @@ def test_failed_labels_fail_the_run_and_the_next_run_retries_them(tmp_path: Path
     assert stamp["counts"] == {"todo": 160, "labelled": 160, "cached": 0, "failed": 0}
     from nla.data.store import ActivationDataset
 
-    assert all(r["explanation"] for r in ActivationDataset.open(work / "data").rows())
+    assert all(r["explanation"] for r in ActivationDataset.open(work / "label").rows())
     for path in work.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), f"the key leaked into {path}"

@@ -266,7 +266,7 @@ def test_universal_bundle_publishes_whole(work: Path, tmp_path: Path) -> None:
     universal NLA (UniversalNLA.from_pretrained → save_pretrained gives identical files)."""
     from torch import nn
 
-    from nla.interop.universal import UniversalNLA
+    from nla.universal.bundle import UniversalNLA
 
     nla = NLA.from_pretrained(work / "sft", device="cpu")
     gen = torch.Generator().manual_seed(0)

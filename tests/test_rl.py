@@ -398,7 +398,7 @@ def test_rl_step_on_the_embedded_default(tmp_path: Path) -> None:
 
 def test_a_gain_made_of_hedging_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from nla.train import loop
-    from nla.train.rl import summarize_run
+    from nla.train.rl import summarize_rl_run
 
     def write(after_top1: float) -> dict[str, Any]:
         run = tmp_path / f"run{after_top1}"
@@ -407,7 +407,7 @@ def test_a_gain_made_of_hedging_is_reported(tmp_path: Path, capsys: pytest.Captu
                 {"step": 1, "phase": "rl", "reward": -0.6, "distinct_rate": 1.0},
                 {"step": 1, "phase": "eval", "eval_fve_nrm": -0.20, "eval_top1": after_top1, "eval_n": 128}]
         (run / loop.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return summarize_run(run, collapse_threshold=0.3)
+        return summarize_rl_run(run, collapse_threshold=0.3)
 
     # fve_nrm up while retrieval fell from 0.21 to 0.12 (beyond 2 standard errors of 0.036).
     assert write(0.12)["hedging"] is True

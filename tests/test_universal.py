@@ -127,8 +127,8 @@ def test_extraction_resumes_a_lost_shard_and_refuses_other_settings(udata: Path,
 # ---------------------------------------------------------------- the whole recipe
 def test_train_add_held_out_model_and_eval_end_to_end(udata: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    from nla.interop.universal import UniversalNLA
     from nla.train.sft import SFTConfig, with_tags
+    from nla.universal.bundle import UniversalNLA
 
     root = tmp_path / "U"
     shutil.copytree(udata, root)

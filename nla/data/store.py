@@ -7,10 +7,18 @@ stage trusts whatever shards it finds.
 
 Also reads and writes the single-file layout published with the paper's code: one Parquet file
 with an ``activation_vector`` column and a ``<file>.nla_meta.yaml`` sidecar.
+
+Teacher labels are their own output (docs/design.md §3, "Labels"): a labels table is a folder of
+``(doc_id, position, explanation)`` Parquet parts, one per dataset shard, with an
+``nla_labels.yaml`` sidecar naming the teacher. The reader joins the selected table into the
+``explanation`` column, so every consumer sees the columns it always saw, and two teachers'
+labels can never share one column.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,6 +35,12 @@ from nla.errors import NLAError
 from nla.meta import META_NAME, DatasetMeta, read_yaml, write_yaml
 from nla.names import MEAN_VECTOR_FILE as MEAN_VECTOR_NAME
 from nla.names import SPLITS, TRAINING_SPLITS, VECTOR_COLUMN
+
+# A labels table (written by `nla label`): DATA/labels/<name>/ by default, or any folder.
+LABELS_DIR = "labels"
+LABELS_META = "nla_labels.yaml"
+LABELS_KIND = "nla_labels"
+LABELS_SCHEMA_VERSION = 1
 
 
 def dataset_schema(d_model: int) -> pa.Schema:
@@ -148,8 +162,110 @@ def sidecar_for_file(path: Path) -> Path:
     return short if short.exists() and not long.exists() else long
 
 
+def labels_schema() -> pa.Schema:
+    return pa.schema([("doc_id", pa.string()), ("position", pa.int32()), ("explanation", pa.string())])
+
+
+def dataset_key(meta: DatasetMeta) -> str:
+    """A fingerprint of the extraction a labels table was made for: its rows' (doc_id, position)
+    keys only mean the same passages under the same model, corpus and sampling."""
+    blob = json.dumps(meta.settings(), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def table_name(teacher: str) -> str:
+    """The default labels table name for a ``--teacher`` spec: ``openai:gpt-4o-mini`` →
+    ``openai-gpt-4o-mini`` (a folder name on every filesystem)."""
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in teacher).strip(".-")
+    return name or "labels"
+
+
+class LabelTable:
+    """One teacher's labels for one dataset: ``part-*.parquet`` keyed by (doc_id, position),
+    one part per dataset shard (same file name), and the ``nla_labels.yaml`` sidecar.
+
+    Only labelled rows are stored, each once; a part is written whole (temp + rename), so a
+    killed run leaves each shard's labels as they were before or after it, never half.
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any]):
+        self.path = path
+        self.meta = meta
+
+    @classmethod
+    def open(cls, path: str | Path) -> LabelTable:
+        path = Path(path)
+        meta_path = path / LABELS_META
+        if not meta_path.exists():
+            raise NLAError(f"{path}: not a labels table (no {LABELS_META}); run `nla label`")
+        meta = read_yaml(meta_path)
+        if meta.get("kind") != LABELS_KIND:
+            raise NLAError(f"{meta_path}: kind is {meta.get('kind')!r}, expected {LABELS_KIND!r}")
+        if meta.get("schema_version") != LABELS_SCHEMA_VERSION:
+            raise NLAError(f"{meta_path}: unknown schema_version {meta.get('schema_version')!r} "
+                           f"(this nla reads {LABELS_SCHEMA_VERSION})")
+        return cls(path, meta)
+
+    @property
+    def teacher(self) -> str:
+        return str(self.meta.get("teacher", "?"))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def dataset_path(self) -> Path:
+        """The dataset this table labels; stored relative to the table, so both move together."""
+        where = self.meta.get("dataset")
+        if not isinstance(where, str) or not where:
+            raise NLAError(f"{self.path / LABELS_META}: no 'dataset' path")
+        return Path(os.path.normpath(self.path / where))
+
+    def part(self, shard: Path) -> Path:
+        return self.path / shard.name
+
+    def read(self, shard: Path) -> dict[tuple[str, int], str]:
+        """``(doc_id, position) → explanation`` for one dataset shard (empty before it is labelled)."""
+        part = self.part(shard)
+        if not part.exists():
+            return {}
+        try:
+            table = pq.read_table(part, columns=["doc_id", "position", "explanation"])
+        except (pa.ArrowInvalid, OSError, KeyError) as exc:
+            raise NLAError(f"{part}: not a readable labels part ({str(exc).splitlines()[0]})") from None
+        return {(d, int(p)): e for d, p, e in zip(table.column("doc_id").to_pylist(),
+                                                  table.column("position").to_pylist(),
+                                                  table.column("explanation").to_pylist()) if e is not None}
+
+    def write(self, shard: Path, labels: list[tuple[str, int, str]]) -> None:
+        """Replace one shard's part with ``labels`` (every labelled row of that shard)."""
+        docs, positions, texts = zip(*labels) if labels else ((), (), ())
+        table = pa.Table.from_arrays(
+            [pa.array(docs, pa.string()), pa.array(positions, pa.int32()), pa.array(texts, pa.string())],
+            schema=labels_schema())
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_table(self.part(shard), table)
+
+    def count(self) -> int:
+        return sum(pq.read_metadata(p).num_rows for p in sorted(self.path.glob("*.parquet")))
+
+    def save_meta(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_yaml(self.path / LABELS_META, self.meta)
+
+
+def labels_root(path: Path) -> Path:
+    """Where a dataset's own labels tables live: ``DATA/labels/`` or ``<file>.labels/``."""
+    return path / LABELS_DIR if not path.is_file() else path.with_name(f"{path.name}.{LABELS_DIR}")
+
+
 class ActivationDataset:
-    """An activation dataset: a folder of shards, or one Parquet file with a sidecar."""
+    """An activation dataset: a folder of shards, or one Parquet file with a sidecar.
+
+    ``explanation`` comes from the selected labels table when there is one (see ``open``), else
+    from the shards themselves (datasets labelled before labels were their own output, and
+    published files).
+    """
 
     def __init__(self, path: Path, meta: DatasetMeta, shards: list[Path], meta_path: Path):
         self.path = path
@@ -159,11 +275,70 @@ class ActivationDataset:
         # Set for a published single file that carries explanations: its rows get our
         # `explanation` column and a split by document (see _fill_missing).
         self.labelled_publication = False
+        # The labels table joined into `explanation`; None: the shards' own column (old layout).
+        self.labels: LabelTable | None = None
+        # Several tables and none chosen: reading `explanation` is an error naming them.
+        self.label_choices: list[LabelTable] = []
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def open(cls, path: str | Path) -> ActivationDataset:
+    def open(cls, path: str | Path, labels: str | Path | None = None) -> ActivationDataset:
+        """Open a dataset, or a labels table (a folder holding ``nla_labels.yaml``) as its dataset
+        with those labels. ``labels`` picks a table by name (under ``DATA/labels/``) or path;
+        by default the dataset's only table is used, and with several none is guessed."""
         path = Path(path)
+        if not path.exists():
+            raise NLAError(f"{path}: dataset not found")
+        if path.is_dir() and (path / LABELS_META).exists() and not (path / META_NAME).exists():
+            table = LabelTable.open(path)
+            ds = cls._open(table.dataset_path())
+            ds.select_labels(table)
+            return ds
+        ds = cls._open(path)
+        root = labels_root(ds.path)
+        if labels is not None:
+            where = Path(labels)
+            if not (where / LABELS_META).exists() and (root / str(labels) / LABELS_META).exists():
+                where = root / str(labels)
+            if not (where / LABELS_META).exists():
+                have = ", ".join(t.name for t in ds.label_tables()) or "none"
+                raise NLAError(f"{ds.path}: no labels table {str(labels)!r} (tables: {have})")
+            ds.select_labels(LabelTable.open(where))
+            return ds
+        tables = ds.label_tables()
+        if len(tables) == 1:
+            ds.select_labels(tables[0])
+        elif tables:
+            ds.label_choices = tables
+        return ds
+
+    def label_tables(self) -> list[LabelTable]:
+        """The labels tables stored with the dataset (``DATA/labels/*``)."""
+        root = labels_root(self.path)
+        if not root.is_dir():
+            return []
+        return [LabelTable.open(p) for p in sorted(root.iterdir()) if (p / LABELS_META).exists()]
+
+    def select_labels(self, table: LabelTable) -> None:
+        """Join ``table`` into ``explanation``; refused when it was made for another extraction."""
+        made_for = table.meta.get("dataset_key")
+        if made_for != dataset_key(self.meta):
+            raise NLAError(f"{table.path}: labels were made for another extraction of {self.path} "
+                           "(model, corpus or sampling changed); label the dataset again")
+        self.labels = table
+        self.label_choices = []
+
+    @property
+    def labeling(self) -> dict[str, Any] | None:
+        """Who labelled the rows this dataset reads: the table's sidecar, or (old layout) the
+        dataset sidecar's ``extra.labeling``."""
+        if self.labels is not None:
+            return self.labels.meta
+        old = self.meta.extra.get("labeling")
+        return old if isinstance(old, dict) else None
+
+    @classmethod
+    def _open(cls, path: Path) -> ActivationDataset:
         if not path.exists():
             raise NLAError(f"{path}: dataset not found")
         if path.is_dir():
@@ -222,6 +397,33 @@ class ActivationDataset:
 
     # ---------------------------------------------------------------- reading
     def read_shard(self, shard: Path, columns: list[str] | None = None) -> pa.Table:
+        joined = (self.labels is not None or bool(self.label_choices)) and (
+            columns is None or "explanation" in columns)
+        if not joined:
+            return self._read(shard, columns)
+        if columns is None:
+            return self._join_labels(shard, self._read(shard, None))
+        keys = [c for c in ("doc_id", "position") if c not in columns]
+        base = self._read(shard, [c for c in columns if c != "explanation"] + keys)
+        return self._join_labels(shard, base).select(columns)
+
+    def _join_labels(self, shard: Path, table: pa.Table) -> pa.Table:
+        """The selected table's labels as the ``explanation`` column, row by (doc_id, position)."""
+        if self.labels is None:
+            names = ", ".join(f"{t.name} ({t.teacher})" for t in self.label_choices)
+            raise NLAError(
+                f"{self.path} has {len(self.label_choices)} labels tables: {names}; choose one with "
+                f"--data {labels_root(self.path)}/NAME (or ActivationDataset.open(path, labels=NAME))")
+        labels = self.labels.read(shard)
+        docs = table.column("doc_id").to_pylist()
+        positions = table.column("position").to_pylist()
+        column = pa.array([labels.get((d, p)) for d, p in zip(docs, positions)], pa.string())
+        if "explanation" in table.column_names:
+            # The shards' own column (old layout) is replaced, never merged with the table.
+            return table.set_column(table.column_names.index("explanation"), "explanation", column)
+        return table.append_column("explanation", column)
+
+    def _read(self, shard: Path, columns: list[str] | None = None) -> pa.Table:
         if columns is not None:
             # Published files may lack some of our columns; read what is there, fill the rest.
             present = set(pq.read_schema(shard).names)
@@ -314,7 +516,7 @@ class ActivationDataset:
 
     # ---------------------------------------------------------------- writing
     def replace_shard(self, shard: Path, table: pa.Table) -> None:
-        if table.column_names != self.read_shard(shard).column_names and not self.is_single_file:
+        if table.column_names != self._read(shard).column_names and not self.is_single_file:
             table = table.select([f.name for f in dataset_schema(self.d_model)])
         write_table(shard, table)
 

@@ -321,14 +321,14 @@ def leaderboard_html(bench: Bench, rows: list[dict[str, Any]]) -> str:
 
 
 def _write_leaderboard(bench: Bench, rows: list[dict[str, Any]], out: Path) -> None:
-    from nla.eval.report import _atomic_write
+    from nla.names import write_text_atomic
 
-    _atomic_write(out / "leaderboard.md", leaderboard_markdown(bench, rows))
-    _atomic_write(out / "leaderboard.html", leaderboard_html(bench, rows))
+    write_text_atomic(out / "leaderboard.md", leaderboard_markdown(bench, rows))
+    write_text_atomic(out / "leaderboard.html", leaderboard_html(bench, rows))
     summary = {"bench": bench.manifest, "rows": [
         {"rank": i, "name": r["name"], "path": r["path"], "report": f"reports/{r['name']}",
          "model_index": r["model_index"]} for i, r in enumerate(rows, 1)]}
-    _atomic_write(out / "leaderboard.json", json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_text_atomic(out / "leaderboard.json", json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 # --------------------------------------------------------------------------- CLI

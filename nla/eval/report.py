@@ -12,14 +12,11 @@ import html
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from nla.errors import NLAError
-
-METRICS_FILE = "metrics.json"
-SAMPLES_FILE = "samples.jsonl"
+from nla.names import EVAL_KIND, EVAL_SCHEMA_VERSION, METRICS_FILE, SAMPLES_FILE, write_text_atomic
 
 # (label, dotted path into metrics.json): the rows `nla eval compare` prints and the page leads with.
 COMPARE_ROWS: list[tuple[str, str]] = [
@@ -79,28 +76,20 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 
 # --------------------------------------------------------------------------- files
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(result: Any, out: str | Path, html_samples: int = 500) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / METRICS_FILE, json.dumps(result.metrics, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    _atomic_write(out / SAMPLES_FILE, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in result.samples))
+    write_text_atomic(out / METRICS_FILE, json.dumps(result.metrics, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    write_text_atomic(out / SAMPLES_FILE, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in result.samples))
     plots = make_plots(result.metrics, result.plots)
     (out / "plots").mkdir(exist_ok=True)
     for name, png in plots.items():
         (out / "plots" / f"{name}.png").write_bytes(png)
-    _atomic_write(out / "index.html", render_html(result.metrics, result.samples, plots, html_samples))
+    write_text_atomic(out / "index.html", render_html(result.metrics, result.samples, plots, html_samples))
 
 
 def load_metrics(path: str | Path) -> dict[str, Any]:
     """``metrics.json`` of a report folder (or the file itself), schema-checked."""
-    from nla.eval.suite import KIND, SCHEMA_VERSION
-
     p = Path(path)
     if p.is_dir():
         p = p / METRICS_FILE
@@ -110,10 +99,10 @@ def load_metrics(path: str | Path) -> dict[str, Any]:
         data = json.loads(p.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise NLAError(f"{p}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("kind") != KIND:
-        raise NLAError(f"{p}: field 'kind' is not {KIND!r}")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise NLAError(f"{p}: schema_version {data.get('schema_version')!r}, this nla reads {SCHEMA_VERSION}")
+    if not isinstance(data, dict) or data.get("kind") != EVAL_KIND:
+        raise NLAError(f"{p}: field 'kind' is not {EVAL_KIND!r}")
+    if data.get("schema_version") != EVAL_SCHEMA_VERSION:
+        raise NLAError(f"{p}: schema_version {data.get('schema_version')!r}, this nla reads {EVAL_SCHEMA_VERSION}")
     return data
 
 

@@ -19,7 +19,6 @@ from nla.interop.registry import (
     load_release,
     releases,
 )
-from nla.interop.universal import UniversalNLA
 
-__all__ = ["LAYOUTS", "LOADERS", "Release", "UniversalNLA", "detect_layout", "import_layout", "load_release",
+__all__ = ["LAYOUTS", "LOADERS", "Release", "detect_layout", "import_layout", "load_release",
            "releases"]

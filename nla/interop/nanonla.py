@@ -62,16 +62,16 @@ from nla.interop.common import (
 from nla.meta import META_NAME, require
 from nla.models.injection import MarkerTokens
 from nla.models.verbalizer import InjectionSettings
+from nla.names import DATASET_KIND, VALUE_HEAD_FILE
 
-KIND = "nla_dataset"
+KIND = DATASET_KIND
 AR_LORA = "ar_lora_value_head.safetensors"
 AR_META = "ar_meta.json"
-VALUE_HEAD = "value_head.safetensors"
 INJECTIONS = {"add": "add", "additive": "add", "karvonen": "add", "replace": "replace"}
 
 
 def is_ar_dir(root: Path) -> bool:
-    return (root / VALUE_HEAD).exists() or (root / AR_LORA).exists()
+    return (root / VALUE_HEAD_FILE).exists() or (root / AR_LORA).exists()
 
 
 def is_nanonla_dir(root: Path) -> bool:
@@ -213,13 +213,13 @@ def load_ar(ar_dir: Path, base: str, layer: int, d_model: int, dtype: torch.dtyp
     """``(trunk, head, final_norm_kept)`` for either AR form."""
     from nla.models.reconstructor import load_trunk
 
-    if (ar_dir / VALUE_HEAD).exists():
+    if (ar_dir / VALUE_HEAD_FILE).exists():
         have = config_layers(ar_dir)
         if have < layer + 1:
             raise NLAError(f"{ar_dir / META_NAME}: field 'extraction.layer_index' is {layer} but the AR has only "
                            f"{have} blocks")
         trunk = load_trunk(str(ar_dir), layer if have > layer + 1 else None, dtype)
-        return trunk, load_linear(ar_dir / VALUE_HEAD, d_model, d_model), False
+        return trunk, load_linear(ar_dir / VALUE_HEAD_FILE, d_model, d_model), False
     meta = _ar_meta(ar_dir)
     where = ar_dir / AR_META
     depth = int(meta["ar_num_layers"])

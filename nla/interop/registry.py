@@ -15,12 +15,11 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from nla.errors import NLAError
 from nla.interop import anicka, nanonla, paper, single, solshine, universal
@@ -37,8 +36,18 @@ def _load_bundle(path: Path, *, dtype: str | torch.dtype = "float32", device: st
     # A universal bundle is our bundle plus adapters/ and extra.universal: loaded as a plain
     # NLA it would be written back without its per-model maps.
     if (read_yaml(path / META_NAME).get("extra") or {}).get("universal"):
-        return universal.UniversalNLA.from_pretrained(path, dtype=dtype, device=device)
+        from nla.universal.bundle import UniversalNLA
+
+        return UniversalNLA.from_pretrained(path, dtype=dtype, device=device)
     return NLA.from_pretrained(path, dtype=dtype, device=device)
+
+
+def _load_universal(path: Path, *, base_model: str | None = None, layer: int | None = None,
+                    dtype: str | torch.dtype = "float32", device: str | None = None) -> Any:
+    """AlexWortega's layout: the importer returns parts, :class:`UniversalNLA` is built here."""
+    from nla.universal.bundle import UniversalNLA
+
+    return UniversalNLA.from_parts(universal.load(path, base_model=base_model, layer=layer, dtype=dtype, device=device))
 
 
 LOADERS: dict[str, Callable[..., Any]] = {
@@ -47,7 +56,7 @@ LOADERS: dict[str, Callable[..., Any]] = {
     "nanonla": nanonla.load,
     "solshine": solshine.load,
     "anicka": anicka.load,
-    "universal": universal.load,
+    "universal": _load_universal,
     "single": single.load,
 }
 LAYOUTS = tuple(LOADERS)
@@ -273,6 +282,3 @@ def releases_table(entries: dict[str, Release]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths)), row[-1]]).rstrip() for row in rows)
 
-
-def dump(entries: dict[str, Release]) -> str:
-    return yaml.safe_dump({n: asdict(r) for n, r in entries.items()}, sort_keys=False)

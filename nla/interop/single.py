@@ -20,9 +20,9 @@ from nla.errors import NLAError
 from nla.meta import META_NAME, read_yaml, write_yaml
 from nla.models.reconstructor import Reconstructor
 from nla.models.verbalizer import Verbalization, Verbalizer
+from nla.names import VALUE_HEAD_FILE
 
 KIND = "nla_single_role_bundle"
-VALUE_HEAD = "value_head.safetensors"
 
 
 class SingleRoleNLA(NLA):
@@ -108,7 +108,7 @@ class SingleRoleNLA(NLA):
             head = {"weight": self.ar.value_head.weight.detach().float().cpu().contiguous()}
             if self.ar.value_head.bias is not None:
                 head["bias"] = self.ar.value_head.bias.detach().float().cpu().contiguous()
-            save_file(head, str(tmp / "ar" / VALUE_HEAD))
+            save_file(head, str(tmp / "ar" / VALUE_HEAD_FILE))
         data = self.meta.to_dict()
         data.update(kind=KIND, role=self.role)
         write_yaml(tmp / META_NAME, data)
@@ -165,5 +165,5 @@ def load(path: str | Path, *, dtype: str | torch.dtype = "float32", device: str 
         model = load_av(folder, meta.base_model, torch_dtype, dev)
         return build(meta, "av", tokenizer, model, None, dev, str(where))
     trunk = load_trunk(str(folder), None, torch_dtype)
-    head = load_linear(folder / VALUE_HEAD, meta.d_model, meta.d_model)
+    head = load_linear(folder / VALUE_HEAD_FILE, meta.d_model, meta.d_model)
     return build(meta, "ar", tokenizer, trunk, head, dev, str(where))

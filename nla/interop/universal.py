@@ -1,7 +1,7 @@
 """Cross-architecture universal NLAs: one AV/AR trunk, per-model linear maps (docs/design.md §9).
 
-:class:`UniversalNLA` is the object (our bundle stores it as ``kind: nla_bundle`` with
-``extra.universal: {d_shared, anchor, tags, models}`` and ``adapters/<tag>/{enc,dec}.safetensors``).
+The object is :class:`nla.universal.bundle.UniversalNLA` (our universal bundle); this module
+only imports the published layout, as parts.
 
 :func:`load` imports AlexWortega's published universal NLA (AlexWortega/qwen3-1p7b-nla:
 ``train_av_multi``, ``train_ar_multi``, ``nla/enc_dec_adapters.py``; release e.g.
@@ -31,6 +31,7 @@ encoded without special tokens, at the last token; ``dec_M`` maps it back to mod
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,174 +42,30 @@ from nla.errors import NLAError
 from nla.interop.common import (
     assemble,
     load_av,
-    load_linear,
     map_placeholders,
     resolve_scale,
     sidecar,
 )
 from nla.meta import META_NAME, require
+from nla.names import ADAPTERS_DIR as ADAPTERS
 
 KIND = "nla_model_universal"
 AR_KIND = "nla_ar_universal"
-ADAPTERS = "adapters"
 POOL_WEIGHTS = "adapters.safetensors"
 POOL_META = "meta.json"
 # train_ar_multi.py's CRITIC_TEMPLATE, used when a release ships no ar/nla_meta.yaml.
 CRITIC_TEMPLATE = "Summary of the following text: <text>{z}</text> <summary>"
 
 
-def identity_map(d: int) -> nn.Linear:
-    layer = nn.Linear(d, d, bias=False, dtype=torch.float32)
-    with torch.no_grad():
-        layer.weight.copy_(torch.eye(d))
-    return layer
+@dataclass
+class UniversalParts:
+    """What the importer loads: the trunk :class:`~nla.bundle.NLA`, the anchor tag, per-model
+    ``(enc, dec)`` maps and per-model notes."""
 
-
-def save_map(layer: nn.Linear, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {"weight": layer.weight.detach().float().cpu().contiguous()}
-    if layer.bias is not None:
-        tensors["bias"] = layer.bias.detach().float().cpu().contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
-
-
-def read_map(path: Path) -> nn.Linear:
-    """A map whose shape comes from the file (its width is checked by the caller)."""
-    from safetensors.torch import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shape = f.get_slice("weight").get_shape()
-    except Exception as exc:
-        raise NLAError(f"{path}: cannot read a 'weight' tensor ({str(exc).splitlines()[0]})") from None
-    return load_linear(path, int(shape[1]), int(shape[0]))
-
-
-# Older name, still imported by nla/universal/cli.py.
-_read_map = read_map
-
-
-class UniversalNLA:
-    """A shared-trunk NLA plus ``enc_M``/``dec_M`` maps: verbalize and reconstruct in model M's space.
-
-    ``verbalize(tag, h_M)`` injects ``enc_M(h_M)`` with the tag given to the AV as text;
-    ``reconstruct(tag, texts)`` returns ``dec_M(AR(texts))`` in M's native space.
-    """
-
-    def __init__(self, nla: Any, anchor: str, maps: dict[str, tuple[nn.Linear, nn.Linear]],
-                 models: dict[str, dict[str, Any]] | None = None):
-        self.nla = nla
-        self.anchor = anchor
-        self.maps: dict[str, tuple[nn.Linear, nn.Linear]] = {}
-        self.models = dict(models or {})
-        for tag, (enc, dec) in maps.items():
-            self.add_model(tag, enc, dec)
-        if anchor not in self.maps:
-            self.add_model(anchor, identity_map(self.d_shared), identity_map(self.d_shared))
-
-    @property
-    def d_shared(self) -> int:
-        return int(self.nla.meta.d_model)
-
-    @property
-    def tags(self) -> list[str]:
-        return list(self.maps)
-
-    def add_model(self, tag: str, enc: nn.Linear, dec: nn.Linear, info: dict[str, Any] | None = None) -> None:
-        """Register (or replace) model ``tag``'s maps; only these two change when a model is added."""
-        if not tag or "/" in tag or tag.startswith("."):
-            raise NLAError(f"invalid model tag {tag!r} (used as a folder name)")
-        d = self.d_shared
-        if enc.out_features != d or dec.in_features != d or enc.in_features != dec.out_features:
-            raise NLAError(f"model {tag!r}: enc is {enc.in_features}→{enc.out_features} and dec is "
-                           f"{dec.in_features}→{dec.out_features}; expected d_M→{d} and {d}→d_M")
-        self.maps[tag] = (enc.float().eval(), dec.float().eval())
-        if info is not None:
-            self.models[tag] = dict(info)
-
-    def _maps(self, tag: str) -> tuple[nn.Linear, nn.Linear]:
-        if tag not in self.maps:
-            raise NLAError(f"unknown model tag {tag!r}; this bundle has {', '.join(self.maps)}")
-        return self.maps[tag]
-
-    @torch.no_grad()
-    def encode(self, tag: str, vectors: torch.Tensor) -> torch.Tensor:
-        enc, _ = self._maps(tag)
-        vectors = torch.as_tensor(vectors).float()
-        if vectors.ndim == 1:
-            vectors = vectors.unsqueeze(0)
-        if vectors.shape[-1] != enc.in_features:
-            raise NLAError(f"model {tag!r} has width {enc.in_features}, got vectors of width {vectors.shape[-1]}")
-        return enc.to(vectors.device)(vectors)
-
-    @torch.no_grad()
-    def decode(self, tag: str, shared: torch.Tensor) -> torch.Tensor:
-        _, dec = self._maps(tag)
-        shared = torch.as_tensor(shared).float()
-        return dec.to(shared.device)(shared)
-
-    def verbalize(self, tag: str, vectors: torch.Tensor, n: int = 1, **generate_kwargs: Any) -> list[list[Any]]:
-        shared = self.encode(tag, vectors)
-        return self.nla.verbalizer.generate(shared, n=n, tags=[tag] * len(shared), **generate_kwargs)
-
-    def reconstruct(self, tag: str, texts: list[str], batch_size: int = 32) -> torch.Tensor:
-        return self.decode(tag, self.nla.reconstruct(list(texts), batch_size=batch_size))
-
-    def round_trip(self, tag: str, vectors: torch.Tensor, **generate_kwargs: Any) -> tuple[list[str | None], torch.Tensor]:
-        """``dec_M(AR(AV(enc_M(h_M))))``: explanations and reconstructions in M's space."""
-        answers = [outs[0] for outs in self.verbalize(tag, vectors, n=1, **generate_kwargs)]
-        texts = [a.explanation if a.explanation is not None else a.raw for a in answers]
-        return [a.explanation for a in answers], self.reconstruct(tag, texts)
-
-    # ---------------------------------------------------------------- files
-    def save_pretrained(self, path: str | Path) -> None:
-        """Our bundle + ``adapters/<tag>/{enc,dec}.safetensors`` + ``extra.universal``."""
-        root = Path(path)
-        self.nla.meta.extra["universal"] = {"d_shared": self.d_shared, "anchor": self.anchor, "tags": self.tags,
-                                            "models": self.models}
-        self.nla.save_pretrained(root)
-        for tag, (enc, dec) in self.maps.items():
-            save_map(enc, root / ADAPTERS / tag / "enc.safetensors")
-            save_map(dec, root / ADAPTERS / tag / "dec.safetensors")
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: str | torch.dtype = "float32",
-                        device: str | None = None) -> UniversalNLA:
-        """Our universal bundle, or AlexWortega's published ``nla_model_universal`` layout."""
-        root = Path(path)
-        data = sidecar(root)
-        if data.get("kind") == KIND:
-            return load(root, dtype=dtype, device=device)
-        from nla.bundle import NLA
-
-        where = root / META_NAME
-        info = require(data, "extra.universal", where, dict)
-        nla = NLA.from_pretrained(root, dtype=dtype, device=device)
-        tags = require(data, "extra.universal.tags", where, list)
-        anchor = require(data, "extra.universal.anchor", where, str)
-        return cls(nla, anchor, read_maps(root, tags, anchor, nla.meta.d_model, where), info.get("models") or {})
-
-
-def read_maps(root: Path, tags: list[Any], anchor: str, d_shared: int, where: Path) -> dict[str, tuple[nn.Linear, nn.Linear]]:
-    maps: dict[str, tuple[nn.Linear, nn.Linear]] = {}
-    for tag in tags:
-        if not isinstance(tag, str):
-            raise NLAError(f"{where}: field 'tags' has invalid entry {tag!r}")
-        folder = root / ADAPTERS / tag
-        enc_file, dec_file = folder / "enc.safetensors", folder / "dec.safetensors"
-        if not enc_file.exists() and not dec_file.exists() and tag == anchor:
-            continue  # the anchor's space is the shared space
-        for f in (enc_file, dec_file):
-            if not f.exists():
-                raise NLAError(f"{where}: field 'tags' lists {tag!r} but {f.relative_to(root)} is missing")
-        enc, dec = read_map(enc_file), read_map(dec_file)
-        if enc.out_features != d_shared or dec.in_features != d_shared or enc.in_features != dec.out_features:
-            raise NLAError(f"{folder}: enc is {enc.in_features}→{enc.out_features}, dec {dec.in_features}→"
-                           f"{dec.out_features}; expected d_M→{d_shared} and {d_shared}→d_M (field 'd_shared')")
-        maps[tag] = (enc, dec)
-    return maps
+    nla: Any
+    anchor: str
+    maps: dict[str, tuple[nn.Linear, nn.Linear]]
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def read_pool(folder: Path, d_shared: int, where: Path) -> tuple[dict[str, tuple[nn.Linear, nn.Linear]], dict[str, int]]:
@@ -248,8 +105,9 @@ def read_pool(folder: Path, d_shared: int, where: Path) -> tuple[dict[str, tuple
 
 
 def load(path: str | Path, *, base_model: str | None = None, layer: int | None = None,
-         dtype: str | torch.dtype = "float32", device: str | None = None) -> UniversalNLA:
-    """A :class:`UniversalNLA` from AlexWortega's published universal layout."""
+         dtype: str | torch.dtype = "float32", device: str | None = None) -> UniversalParts:
+    """The parts of AlexWortega's published universal layout; ``nla.universal.bundle.UniversalNLA.from_parts``
+    (or ``UniversalNLA.from_pretrained``) makes the object."""
     import math
 
     from nla.bundle import BundleMeta
@@ -337,4 +195,4 @@ def load(path: str | Path, *, base_model: str | None = None, layer: int | None =
     nla = assemble(meta, av_model, trunk, tokenizer, identity_head(d_shared), dev, str(where),
                    field_names=PAPER_TOKEN_FIELDS)
     models = {tag: {"d_model": d_m, "trained": tag in (data.get("training_tags") or [])} for tag, d_m in dims.items()}
-    return UniversalNLA(nla, anchor, maps, models)
+    return UniversalParts(nla, anchor, maps, models)

@@ -3,10 +3,10 @@
 from nla.label.prompt import (
     PROMPT_VERSION,
     build_messages,
+    explanation_features,
     format_explanation,
     normalize_answer,
     parse_analysis,
-    parse_explanation,
 )
 from nla.label.providers import LabelRequest, Teacher, make_teacher
 
@@ -15,9 +15,9 @@ __all__ = [
     "LabelRequest",
     "Teacher",
     "build_messages",
+    "explanation_features",
     "format_explanation",
     "make_teacher",
     "normalize_answer",
     "parse_analysis",
-    "parse_explanation",
 ]

@@ -7,7 +7,8 @@ would teach the AV to write half-formed explanations.
 
 The stored ``explanation`` column holds the *canonical form*: one feature per line, each line
 ``- <feature>`` (whitespace collapsed, no tags). The AV is trained to emit exactly that text
-inside ``<explanation>`` tags; :func:`parse_explanation` reads it back.
+inside ``<explanation>`` tags; :func:`explanation_features` splits it back into features
+(:func:`nla.models.prompts.parse_explanation` takes the text out of the AV's tags).
 
 ``PROMPT_VERSION`` is part of the cache key: change it whenever the wording changes, so answers
 to an old prompt are never reused for a new one.
@@ -88,7 +89,7 @@ def format_explanation(features: list[str]) -> str:
     return "\n".join(f"- {f}" for f in features)
 
 
-def parse_explanation(text: str) -> list[str]:
+def explanation_features(text: str) -> list[str]:
     """The features of a stored (canonical) explanation."""
     return [line[2:] if line.startswith("- ") else line for line in text.splitlines() if line.strip()]
 

@@ -1,13 +1,19 @@
-"""`nla label`: fill the ``explanation`` column of an activation dataset with teacher labels.
+"""`nla label`: write one teacher's labels for an activation dataset as a labels table.
+
+Labels are their own output (docs/design.md §3, "Labels"): a table of ``(doc_id, position,
+explanation)`` per dataset shard, by default ``DATA/labels/<teacher>/``, with a sidecar naming
+the teacher, its model and the prompt version. The dataset itself is never rewritten, so a
+second teacher writes a second table instead of filling the first one's gaps, and a table made
+by one teacher refuses another's labels (one-line error naming both) unless ``--force``.
 
 The run is built so that no answer is paid for twice:
 
 * every answer is committed to the SQLite cache (:mod:`nla.label.cache`) the moment it
   arrives, before the row is counted — a ``kill -9`` loses only requests still in flight;
-* rows that already have an explanation are skipped, and rows whose context is in the cache
-  are filled from it without a request; identical contexts share one request;
-* shards are rewritten atomically (``replace_shard``) as soon as all their rows are settled,
-  and on a fatal error every finished row is written before the one-line error.
+* rows the table already holds are skipped, and rows whose context is in the cache are filled
+  from it without a request; identical contexts share one request;
+* a shard's part of the table is written atomically as soon as all its rows are settled, and
+  on a fatal error every finished row is written before the one-line error.
 
 Concurrency is a fixed pool of asyncio workers (``--concurrency`` for API teachers, one for
 local ones, which batch instead). Transient failures (429, 5xx, timeouts, dropped connections)
@@ -18,6 +24,7 @@ again up to ``--max-retries`` times, then the row is left empty and counted as f
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sys
 import time
@@ -25,12 +32,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from nla.config import opt, save_config
-from nla.data.store import SPLITS, ActivationDataset
+from nla.data.store import (
+    LABELS_KIND,
+    LABELS_META,
+    LABELS_SCHEMA_VERSION,
+    SPLITS,
+    ActivationDataset,
+    LabelTable,
+    dataset_key,
+    labels_root,
+    table_name,
+)
 from nla.errors import NLAError
 from nla.label.cache import MALFORMED, OK, LabelCache, cache_key
 from nla.label.prompt import PROMPT_VERSION, normalize_answer
@@ -48,7 +64,11 @@ from nla.label.providers import (
 
 @dataclass
 class LabelConfig:
-    data: str = opt("", help="activation dataset folder (or single .parquet file), labelled in place", required=True)
+    data: str = opt("", help="activation dataset folder or single .parquet file (or a labels table folder, to resume it)",
+                    required=True)
+    out: str | None = opt(None, help="labels table folder to write (default: DATA/labels/<teacher>, one table per teacher)")
+    force: bool = opt(False, help="replace a labels table made by another teacher, prompt version or extraction "
+                                  "(default: refuse, never mix two teachers' labels)")
     teacher: str = opt("lens", help="lens[:MODEL] (offline, default) | openai:MODEL | anthropic:MODEL | hf:MODEL (hub id, path, 'default', tiny:ARCH)")
     base_url: str | None = opt(None, help="API endpoint; openai default https://api.openai.com/v1, anthropic default https://api.anthropic.com")
     api_key_env: str | None = opt(None, help="environment variable holding the API key (default OPENAI_API_KEY / ANTHROPIC_API_KEY); the key itself is never a setting")
@@ -119,6 +139,8 @@ class LabelSummary:
 class _Shard:
     path: Path
     rows: list[int]  # row indices to label in this run
+    keys: list[tuple[str, int]]  # (doc_id, position) of every row of the shard
+    have: dict[tuple[str, int], str]  # what the table already holds for this shard
     results: dict[int, str] = field(default_factory=dict)
     pending: int = 0
     queued_all: bool = False
@@ -143,12 +165,79 @@ def side_path(ds: ActivationDataset, name: str) -> Path:
     return ds.path / name if not ds.is_single_file else ds.path.with_name(f"{ds.path.name}.{name}")
 
 
+def identity(teacher: Teacher) -> dict[str, Any]:
+    """What must match for a labels table to take more rows: one teacher, one model (with its
+    version, for lens), one prompt. Anything else would be a mix."""
+    return {"teacher": teacher.spec, "provider": teacher.provider, "cache_model": teacher.cache_model,
+            "prompt_version": PROMPT_VERSION}
+
+
+def _who(meta: dict[str, Any], other: dict[str, Any]) -> str:
+    """A teacher as one short phrase; the prompt version only when it is what differs."""
+    text = f"{meta.get('provider', '?')}:{meta.get('cache_model', meta.get('model', '?'))}"
+    if meta.get("prompt_version") != other.get("prompt_version"):
+        text += f" (prompt {meta.get('prompt_version')})"
+    return text
+
+
+def check_rows(ds: ActivationDataset) -> None:
+    """Refuse a dataset that cannot be labelled before anything is written: every row needs its
+    text, and its own (doc_id, position) key, since the table is joined on it."""
+    for shard in ds.shards:
+        names = pq.read_schema(shard).names  # a damaged shard fails here too
+        if "context" not in names:
+            raise NLAError(
+                f"{shard}: no 'context' column (columns: {', '.join(names)}); labeling needs the "
+                "text of each position — re-extract with `nla extract`"
+            )
+        table = ds.read_shard(shard, ["doc_id", "position"])
+        seen: set[tuple[str, int]] = set()
+        for key in zip(table.column("doc_id").to_pylist(), table.column("position").to_pylist()):
+            if key in seen:
+                raise NLAError(f"{shard}: several rows have doc_id {key[0]!r} at position {key[1]}; labels are "
+                               "keyed by (doc_id, position), so each row needs its own")
+            seen.add(key)
+
+
+def claim_table(out: Path, ds: ActivationDataset, teacher: Teacher, force: bool) -> LabelTable:
+    """The labels table at ``out``, made (or resumed) for this teacher and dataset.
+
+    A table of another teacher, prompt or extraction is refused with a line naming both
+    teachers; with ``force`` its parts are deleted first, so the result is one teacher's only.
+    """
+    mine = {"kind": LABELS_KIND, "schema_version": LABELS_SCHEMA_VERSION,
+            "dataset": os.path.relpath(ds.path.resolve(), out.resolve()),
+            "dataset_key": dataset_key(ds.meta), **teacher.describe(), **identity(teacher)}
+    if (out / LABELS_META).exists():
+        old = LabelTable.open(out)
+        same_teacher = all(old.meta.get(k) == v for k, v in identity(teacher).items())
+        same_data = old.meta.get("dataset_key") == mine["dataset_key"]
+        if same_teacher and same_data:
+            old.meta.update(mine)  # refresh what may legitimately change (dataset path, base URL)
+            old.save_meta()
+            return old
+        if not force:
+            what = (f"labels by {_who(old.meta, mine)}, not {_who(mine, old.meta)}" if not same_teacher
+                    else f"labels made for another extraction of {ds.path}")
+            raise NLAError(f"{out}: holds {what}; refusing to mix them in one table: pass --out for a "
+                           "separate table, or --force to replace these labels")
+        for part in out.glob("*.parquet"):
+            part.unlink()
+    elif out.exists() and any(out.glob("*.parquet")):
+        raise NLAError(f"{out}: holds Parquet files but no {LABELS_META}; not a labels table, refusing to write into it")
+    table = LabelTable(out, mine)
+    table.save_meta()  # before any part: a part on disk always has its teacher recorded
+    return table
+
+
 class LabelRunner:
-    def __init__(self, cfg: LabelConfig, ds: ActivationDataset, teacher: Teacher, cache: LabelCache):
+    def __init__(self, cfg: LabelConfig, ds: ActivationDataset, teacher: Teacher, cache: LabelCache,
+                 table: LabelTable):
         self.cfg = cfg
         self.ds = ds
         self.teacher = teacher
         self.cache = cache
+        self.table = table
         self.summary = LabelSummary()
         self.shards: list[_Shard] = []
         self.waiting: dict[str, list[tuple[_Shard, int]]] = {}
@@ -163,21 +252,16 @@ class LabelRunner:
         wanted = set(self.cfg.splits) if self.cfg.splits else None
         budget = self.cfg.limit
         for shard in self.ds.shards:
-            names = pq.read_schema(shard).names
-            if "context" not in names:
-                raise NLAError(
-                    f"{shard}: no 'context' column (columns: {', '.join(names)}); labeling needs the "
-                    "text of each position — re-extract with `nla extract`"
-                )
-            table = self.ds.read_shard(shard, ["split", "explanation"])
+            table = self.ds.read_shard(shard, ["doc_id", "position", "split"])
             splits = table.column("split").to_pylist()
-            expl = table.column("explanation").to_pylist()
-            rows = [i for i, (s, e) in enumerate(zip(splits, expl))
-                    if e is None and (wanted is None or s in wanted)]
+            keys = list(zip(table.column("doc_id").to_pylist(), table.column("position").to_pylist()))
+            have = self.table.read(shard)
+            rows = [i for i, (k, s) in enumerate(zip(keys, splits))
+                    if k not in have and (wanted is None or s in wanted)]
             if budget is not None:
                 rows = rows[:max(0, budget)]
                 budget -= len(rows)
-            self.shards.append(_Shard(shard, rows, pending=len(rows)))
+            self.shards.append(_Shard(shard, rows, keys, have, pending=len(rows)))
         self.summary.todo = sum(len(s.rows) for s in self.shards)
 
     def corpus(self) -> dict[str, str]:
@@ -337,13 +421,11 @@ class LabelRunner:
             self._write(state)
 
     def _write(self, state: _Shard) -> None:
-        table = self.ds.read_shard(state.path)
-        column = table.column("explanation").to_pylist()
+        # The shard's whole part, old labels and new, in row order: one atomic replace.
         for row, text in state.results.items():
-            column[row] = text
-        index = table.column_names.index("explanation")
-        table = table.set_column(index, "explanation", pa.array(column, pa.string()))
-        self.ds.replace_shard(state.path, table)
+            state.have[state.keys[row]] = text
+        labels = [(doc, pos, state.have[(doc, pos)]) for doc, pos in state.keys if (doc, pos) in state.have]
+        self.table.write(state.path, labels)
         state.dirty = False
 
     def flush(self) -> None:
@@ -382,7 +464,7 @@ class LabelRunner:
 
 
 def label(cfg: LabelConfig) -> LabelSummary:
-    """Label a dataset in place; see the module docstring."""
+    """Write (or resume) a labels table for a dataset; see the module docstring."""
     if not cfg.data:
         raise NLAError("label: --data is required")
     if cfg.concurrency < 1 or cfg.batch_size < 1 or cfg.max_retries < 0 or cfg.timeout <= 0:
@@ -397,12 +479,22 @@ def label(cfg: LabelConfig) -> LabelSummary:
         batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, base_model=ds.meta.base_model,
     )
     teacher = make_teacher(cfg.teacher, settings)
-    for shard in ds.shards:
-        pq.read_schema(shard)  # a damaged shard fails here, before the cache file is created
+    check_rows(ds)  # before the cache file or the table is created
+    if cfg.out:
+        out = Path(cfg.out)
+    elif ds.labels is not None and (Path(cfg.data) / LABELS_META).exists():
+        out = ds.labels.path  # --data named a table: resume that one
+    else:
+        out = labels_root(ds.path) / table_name(cfg.teacher)
+    table = claim_table(out, ds, teacher, cfg.force)
+    if table.count() == 0 and ds.meta.extra.get("labeling"):
+        old = ds.meta.extra["labeling"]
+        print(f"note: {ds.path} also holds an explanation column inside its shards (by {old.get('teacher', '?')}, "
+              "the layout before labels tables); readers use the table instead", file=sys.stderr)
     cache = LabelCache(cfg.cache or side_path(ds, "label_cache.sqlite"))
-    runner = LabelRunner(cfg, ds, teacher, cache)
+    runner = LabelRunner(cfg, ds, teacher, cache, table)
     runner.plan()
-    save_config(cfg, side_path(ds, "label_config.yaml"))
+    save_config(cfg, out / "label_config.yaml")
     summary = runner.summary
     failure: str | None = None
     threads: int | None = None
@@ -426,7 +518,7 @@ def label(cfg: LabelConfig) -> LabelSummary:
                     runner.bar.set_postfix_str(runner.status_line(), refresh=True)
                     runner.bar.close()
         runner.usage()
-        _record(ds, cfg, teacher, summary)
+        _record(ds, table, cfg, summary)
     finally:
         cache.close()
         if threads is not None:
@@ -436,9 +528,9 @@ def label(cfg: LabelConfig) -> LabelSummary:
     if failure:
         saved = f" ({summary.labelled} rows labelled before it are saved; re-run to resume)" if summary.labelled else ""
         raise NLAError(failure + saved)
-    total, done = _count(ds)
-    print(f"{ds.path}: {summary.labelled} rows labelled ({summary.cached} from cache), "
-          f"{summary.failed} failed; {done}/{total} rows have an explanation")
+    total, done = len(ds), table.count()
+    print(f"{table.path}: {summary.labelled} rows labelled ({summary.cached} from cache), "
+          f"{summary.failed} failed; {done}/{total} rows of {ds.path} have an explanation by {teacher.spec}")
     if summary.failed and not cfg.allow_partial:
         # Failure is visible: rows that could not be labelled fail the command (docs/guarantees.md).
         first = f"; first error: {summary.first_error}" if summary.first_error else ""
@@ -455,24 +547,12 @@ def label(cfg: LabelConfig) -> LabelSummary:
     return summary
 
 
-def _count(ds: ActivationDataset) -> tuple[int, int]:
-    total = done = 0
-    for _, table in ds.iter_shards(["explanation"]):
-        total += table.num_rows
-        done += table.num_rows - table.column("explanation").null_count
-    return total, done
-
-
-def _record(ds: ActivationDataset, cfg: LabelConfig, teacher: Teacher, s: LabelSummary) -> None:
-    """The sidecar's ``extra.labeling``: who labelled with what, and how it went (no keys)."""
-    fresh = ActivationDataset.open(ds.path)  # re-read: never write back a stale sidecar
-    total, done = _count(fresh)
-    fresh.meta.extra["labeling"] = {
-        **teacher.describe(),
-        "prompt_version": PROMPT_VERSION,
+def _record(ds: ActivationDataset, table: LabelTable, cfg: LabelConfig, s: LabelSummary) -> None:
+    """The table's sidecar: who labelled with what (set by ``claim_table``), and how it went (no keys)."""
+    table.meta.update({
         "splits": list(cfg.splits) or "all",
-        "rows": total,
-        "rows_labelled": done,
+        "rows": len(ds),
+        "rows_labelled": table.count(),
         "last_run": {
             "labelled": s.labelled, "from_cache": s.cached, "failed": s.failed,
             "requests": s.requests, "retries": s.retries, "input_tokens": s.input_tokens,
@@ -480,17 +560,18 @@ def _record(ds: ActivationDataset, cfg: LabelConfig, teacher: Teacher, s: LabelS
             "cost_usd_estimate": round(s.cost_usd, 6) if s.cost_usd is not None else None,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
-    }
-    fresh.save_meta()
-    ds.meta = fresh.meta
+    })
+    table.save_meta()
 
 
 def register(sub: Any) -> None:
     from nla.config import add_config_args, resolve_config
 
-    p = sub.add_parser("label", help="fill the explanation column with teacher labels",
+    p = sub.add_parser("label", help="write a teacher's labels for a dataset (a labels table)",
                        description="Label each sampled position of an activation dataset with a "
-                       "teacher's explanation (2-3 features in <analysis> tags). Resumable: answers are "
-                       "cached in SQLite as they arrive, labelled rows are skipped.")
+                       "teacher's explanation (2-3 features in <analysis> tags), written as a labels table "
+                       "(DATA/labels/<teacher>/) that readers join as the explanation column. Resumable: "
+                       "answers are cached in SQLite as they arrive, labelled rows are skipped. Another "
+                       "teacher writes another table; a table never takes a second teacher's labels.")
     add_config_args(p, LabelConfig)
     p.set_defaults(func=lambda args: label(resolve_config(LabelConfig, args, section="label")))

@@ -43,6 +43,7 @@ from nla.config import BUNDLE_ENTRIES, claim_output, config_to_dict, opt, save_c
 from nla.errors import NLAError
 from nla.models.injection import Injector
 from nla.models.loading import check_4bit_available, load_in_4bit
+from nla.names import write_json_atomic
 from nla.train import loop
 from nla.train.generation import (
     Rollout,
@@ -125,7 +126,8 @@ class RLConfig:
 def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Rows of step ``step``: epochs are seeded permutations laid end to end (resume-safe)."""
     if n_rows == 0:
-        raise NLAError("the dataset has no 'rl' rows (run `nla split` or check the split fractions)")
+        raise NLAError("the dataset has no 'rl' rows (re-extract with an rl share in `nla extract --split`, "
+                       "e.g. av_sft=0.4,ar_sft=0.3,rl=0.2,eval=0.1)")
     out: list[int] = []
     pos = step * batch_size
     while len(out) < batch_size:
@@ -761,10 +763,10 @@ class RLTrainer:
         loop.publish_bundle(MergedSaver(self.nla), self.out)
         logger.close()
         loop.plot_metrics(self.out / loop.METRICS_FILE, self.out / loop.PLOT_FILE)
-        summary = summarize_run(self.out, cfg.collapse_threshold)
+        summary = summarize_rl_run(self.out, cfg.collapse_threshold)
         summary["wall_s_this_session"] = round(time.perf_counter() - started, 1)
         summary["processes"] = self.dist.world
-        _write_json(self.out / SUMMARY_FILE, summary)
+        write_json_atomic(self.out / SUMMARY_FILE, summary, default=str)
         self.dist.barrier()
         return summary
 
@@ -790,7 +792,7 @@ def evaluate_round_trip(nla: Any, vectors: torch.Tensor, mean: torch.Tensor, max
     return out
 
 
-def summarize_run(run_dir: Path, collapse_threshold: float) -> dict[str, Any]:
+def summarize_rl_run(run_dir: Path, collapse_threshold: float) -> dict[str, Any]:
     """First/last figures of a run, and whether it mode-collapsed (never hidden)."""
     records = loop.read_metrics(run_dir / loop.METRICS_FILE)
     train = [r for r in records if r.get("phase") == PHASE]
@@ -829,12 +831,6 @@ def _hedging(before: dict[str, Any], after: dict[str, Any]) -> bool:
     p, n = float(before["eval_top1"]), max(int(before["eval_n"]), 1)
     noise = 2 * math.sqrt(max(p * (1 - p), 1 / n) / n)
     return bool(after["eval_fve_nrm"] > before["eval_fve_nrm"] and after["eval_top1"] < p - noise)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    import json
-
-    path.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
 
 
 def train_rl(cfg: RLConfig, rewards: list[tuple[RewardFn, float]] | None = None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ For a model M of width ``d_M`` two linear maps are all that is model-specific:
 The stages: ``nla universal extract`` (:mod:`nla.universal.extract`, several models on the same
 passages), ``fit-enc``, ``train`` (the ordinary SFT trainer on enc-mapped, tagged rows),
 ``fit-dec``, ``eval`` and ``add-model`` (:mod:`nla.universal.cli`). Bundles use the layout of
-:class:`nla.interop.universal.UniversalNLA`: ``adapters/<tag>/{enc,dec}.safetensors`` plus
+:class:`nla.universal.bundle.UniversalNLA`: ``adapters/<tag>/{enc,dec}.safetensors`` plus
 ``extra.universal`` in ``nla_meta.yaml``.
 """
 

@@ -28,8 +28,8 @@ from torch import nn
 
 from nla.config import opt, save_config
 from nla.errors import NLAError
-from nla.interop.universal import ADAPTERS, UniversalNLA, identity_map, save_map
 from nla.meta import META_NAME, read_yaml, write_yaml
+from nla.universal.bundle import ADAPTERS, UniversalNLA, identity_map, read_map, save_map
 from nla.universal.extract import (
     DATA_META,
     UniversalData,
@@ -94,12 +94,10 @@ def save_enc(maps: Path, tag: str, result: FitResult, settings: dict[str, Any]) 
 
 
 def load_enc(maps: Path, tag: str) -> nn.Linear:
-    from nla.interop.universal import _read_map
-
     path = maps / tag / "enc.safetensors"
     if not path.exists():
         raise NLAError(f"{path}: no enc map for {tag!r}; run `nla universal fit-enc --model {tag}` first")
-    return _read_map(path)
+    return read_map(path)
 
 
 def _print_fit(kind: str, tag: str, result: FitResult) -> None:

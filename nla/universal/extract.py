@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from nla.config import opt, save_config
 from nla.data.corpus import Document, load_corpus
-from nla.data.extract import BlockOutput, assign_split, block_states, parse_split, sample_positions
+from nla.data.extract import assign_split, parse_split, sample_positions
 from nla.data.store import (
     VECTOR_COLUMN,
     ActivationDataset,
@@ -52,6 +52,7 @@ from nla.data.store import (
 )
 from nla.errors import NLAError
 from nla.meta import META_NAME, DatasetMeta, read_yaml, write_yaml
+from nla.models.forward import BlockOutput, block_states
 from nla.models.layers import check_layer, default_layer, hidden_size, num_layers
 
 DATA_META = "nla_universal_data.yaml"
