@@ -47,6 +47,14 @@ from nla import metrics
 from nla.config import opt
 from nla.errors import NLAError
 from nla.serve.batching import MicroBatcher, ModelThread
+from nla.train.generation import (
+    BACKENDS,
+    GENERATION_BACKEND_HELP,
+    VLLM_MAX_TEMPERATURE,
+    VLLM_MEMORY_HELP,
+    RolloutBackend,
+    inference_backend,
+)
 
 log = logging.getLogger("nla.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -80,6 +88,8 @@ class ServeConfig:
                                      "1 is often faster on a CPU shared with other work)")
     device: str = opt("auto", help="cpu, cuda, ... (auto: cuda when available)")
     dtype: str = opt("float32", help="dtype to load the bundle in")
+    generation_backend: str = opt("transformers", help=GENERATION_BACKEND_HELP, choices=BACKENDS)
+    vllm_gpu_memory_utilization: float = opt(0.3, help=VLLM_MEMORY_HELP)
     allowed_hosts: list[str] = opt([], help="Host header names the server answers besides the loopback names and "
                                            "--host ('*': any); others get a 400, which stops DNS-rebinding pages")
 
@@ -324,9 +334,12 @@ class GenKey:
 class NLAService:
     """The model side: validation against the bundle, batchers, and the three operations."""
 
-    def __init__(self, nla: Any, config: ServeConfig):
+    def __init__(self, nla: Any, config: ServeConfig, backend: RolloutBackend | None = None):
         self.nla = nla
         self.config = config
+        # The AV's generation (nla.train.generation): transformers is nla.verbalize itself.
+        self.generator = backend if backend is not None else inference_backend(
+            config.generation_backend, nla, gpu_memory_utilization=config.vllm_gpu_memory_utilization)
         self.d_model = int(nla.meta.d_model)
         self.thread = ModelThread(config.torch_threads)
         self._hooks = [h for model in (nla.av_model, nla.ar) for h in self.thread.watch(model)]
@@ -350,7 +363,7 @@ class NLAService:
     def _run_verbalize(self, items: list[tuple[torch.Tensor, GenKey]]) -> list[list[list[Any]]]:
         key = items[0][1]
         vectors = torch.cat([v for v, _ in items])
-        outs = self.nla.verbalize(
+        outs = self.generator.verbalize(
             vectors, n=key.n, max_new_tokens=key.max_new_tokens, do_sample=key.do_sample,
             temperature=key.temperature, top_p=key.top_p, batch_size=max(self.config.max_batch_rows, 1),
         )
@@ -384,8 +397,10 @@ class NLAService:
         if not 1 <= new <= c.max_new_tokens:
             raise ClientError(422, "invalid", f"max_new_tokens={new} is out of range: 1 to {c.max_new_tokens} "
                                               "(--max-new-tokens)")
-        if not (math.isfinite(req.temperature) and 0 < req.temperature <= 10):
-            raise ClientError(422, "invalid", f"temperature={req.temperature} is out of range (0, 10]")
+        # vLLM refuses temperatures above 2 (vllm/sampling_params.py); transformers takes up to our 10.
+        top = VLLM_MAX_TEMPERATURE if c.generation_backend == "vllm" else 10
+        if not (math.isfinite(req.temperature) and 0 < req.temperature <= top):
+            raise ClientError(422, "invalid", f"temperature={req.temperature} is out of range (0, {top:g}]")
         if not (math.isfinite(req.top_p) and 0 < req.top_p <= 1):
             raise ClientError(422, "invalid", f"top_p={req.top_p} is out of range (0, 1]")
         sample = req.sample if req.sample is not None else req.n > 1
@@ -583,7 +598,7 @@ class NLAService:
         return ParsedVectors(format=fmt, shape=list(vectors.shape), vectors=vectors.tolist())
 
     def info(self) -> dict[str, Any]:
-        from nla import __version__
+        from nla.names import VERSION as __version__
 
         meta = self.nla.meta.to_dict()
         meta.pop("extra", None)
@@ -593,6 +608,7 @@ class NLAService:
             "has_mean_vector": self.nla.mean_vector is not None,
             "search_dataset": str(c.data) if self.search_index is not None else None,
             "device": str(self.nla.device),
+            "generation_backend": c.generation_backend,
             "nla_version": __version__,
             "batching": {
                 "enabled": c.batching, "max_wait_ms": c.max_wait_ms, "max_batch_rows": c.max_batch_rows,
@@ -612,10 +628,12 @@ async def _timed(coro: Awaitable[T], timeout: float) -> T:
         raise ClientError(504, "timeout", f"request took longer than {timeout:g} s (--timeout-s)") from None
 
 
-def create_app(nla: Any, config: ServeConfig | None = None, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``nla`` (an :class:`nla.NLA`). ``api_key``: bearer token for /v1/*."""
+def create_app(nla: Any, config: ServeConfig | None = None, api_key: str | None = None,
+               backend: RolloutBackend | None = None) -> FastAPI:
+    """The FastAPI app serving ``nla`` (an :class:`nla.NLA`). ``api_key``: bearer token for /v1/*.
+    ``backend``: the AV's generation backend (default: the one ``config.generation_backend`` names)."""
     config = config or ServeConfig()
-    service = NLAService(nla, config)
+    service = NLAService(nla, config, backend)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -739,7 +757,7 @@ def allowed_hosts(config: ServeConfig) -> list[str]:
 
 
 def _version() -> str:
-    from nla import __version__
+    from nla.names import VERSION as __version__
 
     return str(__version__)
 

@@ -70,11 +70,15 @@ def serve(cfg: ServeConfig) -> int:
     if cfg.host in ("0.0.0.0", "::") and not cfg.allowed_hosts:
         print(f"nla serve: note: binding {cfg.host}: only loopback Host names are answered; list the names "
               "clients use with --allowed-hosts", file=sys.stderr)
+    from nla.train.generation import check_backend
+
+    check_backend(cfg.generation_backend)  # vLLM missing, too old or no GPU: one line before any loading
     nla = NLA.from_pretrained(cfg.nla, device=cfg.device, dtype=cfg.dtype)
     app = create_app(nla, cfg, api_key=api_key)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     print(f"nla serve: {cfg.nla} ({nla.meta.base_model}, layer {nla.meta.layer_index}, d={nla.meta.d_model}) on "
           f"http://{cfg.host}:{cfg.port}/  batching={'on' if cfg.batching else 'off'}  "
+          f"generation={cfg.generation_backend}  "
           f"auth={'bearer token from $' + cfg.api_key_env if api_key else 'none'}", file=sys.stderr)
     # The access log records method, path and status only: never headers, so never the token.
     # and query strings are dropped (they may carry keys).

@@ -232,6 +232,11 @@ def check_vllm_version(version: str) -> None:
                        f"LLM.apply_model); found {version}: pip install -U 'vllm>={need}'")
 
 
+def cuda_visible() -> bool:
+    """Whether a CUDA device is visible (vLLM's engine needs one); one name for tests to stand in for."""
+    return torch.cuda.is_available()
+
+
 def check_vllm_available() -> Any:
     """The ``vllm`` module, or a one-line error: not installed, too old, or no CUDA device.
 
@@ -244,7 +249,7 @@ def check_vllm_available() -> Any:
         raise NLAError(f"--generation-backend vllm: vLLM is not installed (pip install "
                        f"'vllm>={'.'.join(map(str, MIN_VLLM))}'), {_NO_VLLM}") from None
     check_vllm_version(getattr(vllm, "__version__", "0"))
-    if not torch.cuda.is_available():
+    if not cuda_visible():
         raise NLAError(f"--generation-backend vllm needs a CUDA GPU and none is visible here; {_NO_VLLM}")
     return vllm
 
