@@ -17,7 +17,8 @@ from typing import Any
 # "CPU threads"). Must be set before torch loads its OpenMP runtime; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
+from nla.names import VERSION as __version__
+
 __all__ = ["NLA", "__version__"]
 
 

@@ -78,7 +78,7 @@ class BundleMeta:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        from nla import __version__
+        from nla.names import VERSION as __version__
 
         return {
             "kind": BUNDLE_KIND,

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+VERSION = "0.1.0"  # the package version (`nla.__version__`), written into every sidecar and report
+
 # ---------------------------------------------------------------- files (docs/design.md §3, §7)
 META_NAME = "nla_meta.yaml"  # the sidecar of a dataset or a bundle
 MEAN_VECTOR_FILE = "mean_vector.safetensors"  # μ of §6, in a dataset and in a bundle

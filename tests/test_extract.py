@@ -15,13 +15,8 @@ import torch
 from conftest import TINY_ARCHS, make_dataset
 
 from nla.data.corpus import load_corpus
-from nla.data.extract import (
-    ExtractConfig,
-    assign_split,
-    extract,
-    parse_split,
-    sample_positions,
-)
+from nla.data.extract import ExtractConfig, extract
+from nla.data.sampling import assign_split, parse_split, sample_positions
 from nla.data.store import SPLITS, ActivationDataset
 from nla.errors import NLAError
 from nla.models.forward import BlockOutput, block_states

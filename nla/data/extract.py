@@ -8,19 +8,18 @@ result equals an uninterrupted run row for row.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from nla.config import opt, save_config
 from nla.data.corpus import Document, load_corpus
-from nla.data.store import SPLITS, ActivationDataset, make_table, shard_name, write_table
+from nla.data.sampling import assign_split, parse_split, sample_positions
+from nla.data.store import ActivationDataset, make_table, shard_name, write_table
 from nla.errors import NLAError
 from nla.meta import META_NAME, DatasetMeta, write_yaml
 from nla.models.forward import BlockOutput, block_states
@@ -45,52 +44,6 @@ class ExtractConfig:
     device: str = opt("auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     split: str = opt("av_sft=0.4,ar_sft=0.3,rl=0.2,eval=0.1", help="document-level split fractions")
     docs_per_shard: int = opt(256, help="documents per Parquet shard (the unit of resume)")
-
-
-def parse_split(spec: str) -> dict[str, float]:
-    fractions: dict[str, float] = {}
-    for part in spec.split(","):
-        if "=" not in part:
-            raise NLAError(f"--split: {part!r} is not NAME=FRACTION")
-        name, value = part.split("=", 1)
-        name = name.strip()
-        if name not in SPLITS:
-            raise NLAError(f"--split: unknown split {name!r} (splits: {', '.join(SPLITS)})")
-        try:
-            fractions[name] = float(value)
-        except ValueError:
-            raise NLAError(f"--split: {value!r} is not a number") from None
-    total = sum(fractions.values())
-    if total <= 0 or any(v < 0 for v in fractions.values()):
-        raise NLAError("--split: fractions must be non-negative and not all zero")
-    # Rounded so the sidecar reads 0.4, not 0.4000000000000001.
-    return {k: round(fractions.get(k, 0.0) / total, 12) for k in SPLITS}
-
-
-def doc_seed(seed: int, doc_id: str, salt: str) -> int:
-    """A stable 64-bit seed per document (Python's hash() changes per process)."""
-    digest = hashlib.sha256(f"{seed}\x00{salt}\x00{doc_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
-def assign_split(seed: int, doc_id: str, fractions: dict[str, float]) -> str:
-    u = doc_seed(seed, doc_id, "split") / 2**64
-    acc = 0.0
-    for name in SPLITS:
-        acc += fractions[name]
-        if u < acc:
-            return name
-    return SPLITS[-1]
-
-
-def sample_positions(
-    seed: int, doc_id: str, special_mask: list[int], n: int, min_position: int
-) -> list[int]:
-    candidates = [p for p in range(min_position, len(special_mask)) if not special_mask[p]]
-    if len(candidates) <= n:
-        return candidates
-    rng = np.random.default_rng(doc_seed(seed, doc_id, "positions"))
-    return sorted(int(p) for p in rng.choice(candidates, size=n, replace=False))
 
 
 def _meta_for(cfg: ExtractConfig, model_spec: str, layer: int, d_model: int, n_layers: int) -> DatasetMeta:

@@ -462,7 +462,7 @@ class ActivationDataset:
             else:
                 table = table.append_column(name, pa.nulls(n, pa.string()))
         if self.labelled_publication and "split" in wanted and "split" not in table.column_names:
-            from nla.data.extract import assign_split
+            from nla.data.sampling import assign_split
 
             if "doc_id" not in table.column_names:
                 table = table.append_column("doc_id", pa.array([f"row{i}" for i in range(n)], pa.string()))

@@ -92,9 +92,9 @@ def make_bench(data: str | Path, out: str | Path, *, split: str = "eval", max_ro
     """Write a bench folder (``BENCH/bench.yaml`` + ``BENCH/data/``) atomically; returns the manifest."""
     import pyarrow as pa
 
-    from nla import __version__
     from nla.data.store import MEAN_VECTOR_NAME, SPLITS, ActivationDataset, write_table
     from nla.eval.suite import EvalConfig
+    from nla.names import VERSION as __version__
 
     if split not in SPLITS:
         raise NLAError(f"--split {split!r}: unknown split (splits: {', '.join(SPLITS)})")

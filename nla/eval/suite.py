@@ -609,7 +609,7 @@ class _Laps:
 def evaluate(nla: Any, ds: ActivationDataset, cfg: EvalConfig, *, cache_dir: Path | None = None,
              fingerprint: str = "", teacher: Any = None, backend: Any = None) -> EvalResult:
     """Run every block of the module docstring on ``cfg.split`` of ``ds``."""
-    from nla import __version__
+    from nla.names import VERSION as __version__
 
     lap = _Laps()
     inp = prepare_inputs(nla, ds, cfg, cache_dir=cache_dir, fingerprint=fingerprint, teacher=teacher, backend=backend)

@@ -169,7 +169,7 @@ def load_tokenizer(spec: str | None, trust_remote_code: bool = False) -> Any:
 
 
 @contextlib.contextmanager
-def _quiet_local_load(path: str) -> Iterator[None]:
+def quiet_local_load(path: str) -> Iterator[None]:
     """No "Loading weights" bar for a local folder: it takes a second and, printed on stderr,
     buries the one-line error a command may print next. Hub downloads keep their bars."""
     from transformers.utils import logging as hf_logging
@@ -255,7 +255,7 @@ def load_model(
         extra = {"quantization_config": quantization_config(dtype), "device_map": {"": dev}}
         torch_dtype = torch.bfloat16 if torch_dtype == torch.float32 else torch_dtype
     try:
-        with _quiet_local_load(path):
+        with quiet_local_load(path):
             model: Any = AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
             )

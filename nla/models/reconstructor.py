@@ -37,7 +37,7 @@ def load_trunk(path: str, layer: int | None, dtype: torch.dtype = torch.float32,
 
     from transformers import AutoModel
 
-    from nla.models.loading import _quiet_local_load
+    from nla.models.loading import quiet_local_load
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if layer is not None:
@@ -48,7 +48,7 @@ def load_trunk(path: str, layer: int | None, dtype: torch.dtype = torch.float32,
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with _quiet_local_load(path):
+        with quiet_local_load(path):
             trunk = AutoModel.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise NLAError(f"cannot load the reconstructor trunk from {path!r}: {str(exc).splitlines()[0]}") from None

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from nla.config import opt, save_config
 from nla.data.corpus import Document, load_corpus
-from nla.data.extract import assign_split, parse_split, sample_positions
+from nla.data.sampling import assign_split, parse_split, sample_positions
 from nla.data.store import (
     VECTOR_COLUMN,
     ActivationDataset,
