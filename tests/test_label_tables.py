@@ -198,3 +198,19 @@ def test_a_dataset_labelled_in_place_still_opens(data: Path, api_key: None, caps
     assert sum(r["explanation"] is not None for r in rows) == 10
     assert all(r["explanation"] in (None, fake_label(r["context"])) for r in rows)
     assert ActivationDataset.open(data).table(["explanation"]).column("explanation").null_count == 150
+
+
+def test_a_single_file_dataset_gets_its_table_beside_it(tiny_dataset: Path, tmp_path: Path, api_key: None) -> None:
+    from nla.data.store import write_single_file
+
+    source = ActivationDataset.open(tiny_dataset)
+    path = tmp_path / "pub.parquet"
+    write_single_file(path, source.table().drop(["explanation"]),
+                      {"base_model": source.meta.base_model, "d_model": source.d_model, "layer_index": 2})
+    with FakeTeacherServer() as server:
+        label(fake_cfg(path, server.url, limit=40))
+    assert (tmp_path / "pub.parquet.labels" / FAKE_TABLE / "pub.parquet").exists()
+    rows = ActivationDataset.open(path).rows()
+    assert sum(r["explanation"] is not None for r in rows) == 40
+    assert all(r["explanation"] in (None, fake_label(r["context"])) for r in rows)
+    assert pq.read_schema(path).names == source.table().drop(["explanation"]).column_names  # file untouched
