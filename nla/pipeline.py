@@ -45,15 +45,19 @@ class RunConfig:
     extract: dict[str, Any] = opt(
         # 20 positions per document: rows cost almost nothing beyond the document's forward pass
         # (extraction and the lens teacher run each document once), and the AV needs many.
-        {"docs": 352, "positions_per_doc": 20, "seq_len": 256,
+        # next_tokens: the model's top-3 guesses stored per row, so the lens teacher runs no
+        # forward pass of its own (it used to cost more than extraction).
+        {"docs": 352, "positions_per_doc": 20, "seq_len": 256, "next_tokens": 3,
          "split": "av_sft=0.4,ar_sft=0.25,rl=0.2,eval=0.15"},
         help="settings for `nla extract` (see nla extract --help)",
     )
     # 64 rows ≈ 3 documents per lens forward pass: fewer documents split across batches.
     label: dict[str, Any] = opt({"batch_size": 64}, help="settings for `nla label`")
     sft: dict[str, Any] = opt(
+        # ar_adapt: the AR then reads the AV's own answers (nla/train/adapt.py; docs/benchmarks.md).
         {"max_steps": 220, "ar_max_steps": 200, "lr": 1e-3, "ar_lr": 2e-3, "head_lr": 5e-3, "batch_size": 8,
-         "max_length": 128, "eval_every": 100, "save_every": 50, "eval_rows": 128},
+         "max_length": 128, "eval_every": 100, "save_every": 50, "eval_rows": 128,
+         "ar_adapt_steps": 150, "ar_adapt_rows": 384, "ar_adapt_lr": 2e-4},
         help="settings for `nla train sft`",
     )
     rl_train: dict[str, Any] = opt(

@@ -44,7 +44,8 @@ def make_stages(cfg: RunConfig) -> list[Stage]:
     docs = ex.docs or 352
     stages = [
         Stage("extract", _settings(ex, ("out", "device", "batch_size")), lambda: extract(ex), data_dir,
-              estimate_s=docs * 0.3, estimate_mb=docs * ex.positions_per_doc * 2.6 / 1000 * 4 + 1),
+              # --next-tokens runs the blocks after K too (30 of 30 instead of 21 on the default)
+              estimate_s=docs * (0.43 if ex.next_tokens else 0.3), estimate_mb=docs * ex.positions_per_doc * 2.6 / 1000 * 4 + 1),
     ]
 
     # The labels table is the label stage's own folder (docs/design.md §3, "Labels"): redoing the
@@ -105,7 +106,9 @@ def _sft_estimate(sft: Any) -> float:
         return 1200.0
     ar_steps = sft.ar_max_steps if sft.ar_max_steps is not None else sft.max_steps
     scale = sft.batch_size * sft.grad_accum / 8
-    return 90.0 + scale * (4.1 * sft.max_steps + 1.6 * ar_steps)
+    # ar_adapt: the AV's greedy answers (~0.7 s a row) and its AR steps.
+    adapt = 0.7 * sft.ar_adapt_rows + 1.6 * scale * sft.ar_adapt_steps if sft.ar_adapt_steps else 0.0
+    return 90.0 + scale * (4.1 * sft.max_steps + 1.6 * ar_steps) + adapt
 
 
 def _rl_estimate(rl: Any) -> float:

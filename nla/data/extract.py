@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
@@ -22,8 +23,9 @@ from nla.data.sampling import assign_split, parse_split, sample_positions
 from nla.data.store import ActivationDataset, make_table, shard_name, write_table
 from nla.errors import NLAError
 from nla.meta import META_NAME, DatasetMeta, write_yaml
-from nla.models.forward import BlockOutput, block_states
+from nla.models.forward import BlockOutput, block_states, pad_batch
 from nla.models.layers import check_layer, default_layer, hidden_size, num_layers
+from nla.models.readout import NEXT_TOKEN_IDS, NEXT_TOKEN_PROBS, BlockAndNextTokens
 
 
 @dataclass
@@ -44,6 +46,8 @@ class ExtractConfig:
     device: str = opt("auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     split: str = opt("av_sft=0.4,ar_sft=0.3,rl=0.2,eval=0.1", help="document-level split fractions")
     docs_per_shard: int = opt(256, help="documents per Parquet shard (the unit of resume)")
+    next_tokens: int = opt(0, help="also store the model's top-N next-token ids and probabilities per row "
+                           "(runs the blocks after K; the lens teacher then needs no forward pass of its own)")
 
 
 def _meta_for(cfg: ExtractConfig, model_spec: str, layer: int, d_model: int, n_layers: int) -> DatasetMeta:
@@ -64,6 +68,8 @@ def _meta_for(cfg: ExtractConfig, model_spec: str, layer: int, d_model: int, n_l
             "text_column": cfg.text_column,
             "id_column": cfg.id_column,
             "docs_per_shard": cfg.docs_per_shard,
+            # Only when asked: datasets made before the option existed stay resumable.
+            **({"next_tokens": cfg.next_tokens} if cfg.next_tokens else {}),
             # bf16 and fp32 vectors differ far beyond 1e-4: a resume must not mix them.
             "dtype": str(parse_dtype(cfg.dtype)).removeprefix("torch."),
         },
@@ -99,6 +105,8 @@ def extract(cfg: ExtractConfig) -> ActivationDataset:
         raise NLAError("extract: --out is required")
     if cfg.positions_per_doc < 1 or cfg.batch_size < 1 or cfg.docs_per_shard < 1:
         raise NLAError("extract: --positions-per-doc, --batch-size and --docs-per-shard must be ≥ 1")
+    if cfg.next_tokens < 0:
+        raise NLAError(f"extract: --next-tokens must be ≥ 0, got {cfg.next_tokens}")
     out = Path(cfg.out)
     # Under `accelerate launch` every rank extracts whole shards (docs/scaling.md); one process
     # otherwise. The main process alone checks and writes the folder's metadata.
@@ -150,7 +158,8 @@ def extract(cfg: ExtractConfig) -> ActivationDataset:
     # A shard's rows depend only on its documents (sampling is keyed by doc id), so whichever
     # rank writes it, the dataset is the one a single process makes: round-robin over shards.
     todo = todo[dist.rank :: dist.world]
-    runner = BlockOutput(model, layer)
+    runner: BlockOutput | BlockAndNextTokens = (
+        BlockAndNextTokens(model, layer) if cfg.next_tokens else BlockOutput(model, layer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bar = tqdm(total=len(docs), initial=done_docs, unit="doc", desc="extract", dynamic_ncols=True,
                disable=not dist.main)
@@ -179,7 +188,7 @@ def _extract_shard(
     cfg: ExtractConfig,
     docs: list[Document],
     tokenizer: Any,
-    runner: BlockOutput,
+    runner: BlockOutput | BlockAndNextTokens,
     pad_id: int,
     device: torch.device,
     meta: DatasetMeta,
@@ -197,10 +206,21 @@ def _extract_shard(
     # Sorting by length inside the shard keeps padding small; rows go back in document order.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][1]))
     states: dict[int, torch.Tensor] = {}
+    guesses: dict[int, tuple[list[list[int]], list[list[float]]]] = {}  # --next-tokens, per document
     n_tokens = 0
     for start in range(0, len(order), cfg.batch_size):
         batch = [i for i in order[start : start + cfg.batch_size] if encoded[i][2]]
-        if batch:
+        if batch and isinstance(runner, BlockAndNextTokens):
+            batch_ids, batch_mask = pad_batch([encoded[i][1] for i in batch], pad_id)
+            with torch.no_grad():
+                hidden, final = runner(batch_ids.to(device), batch_mask.to(device))
+            for b, i in enumerate(batch):
+                where = torch.tensor(encoded[i][2], device=hidden.device)
+                states[i] = hidden[b, where].float().cpu()
+                top_ids, top_p = runner.top_tokens(final[b, where], cfg.next_tokens)
+                guesses[i] = (top_ids.cpu().tolist(), top_p.cpu().tolist())
+                n_tokens += len(encoded[i][1])
+        elif batch and isinstance(runner, BlockOutput):
             outs = block_states(runner, [encoded[i][1] for i in batch], pad_id, device)
             for i, hidden in zip(batch, outs, strict=True):
                 states[i] = hidden[encoded[i][2]]
@@ -208,11 +228,16 @@ def _extract_shard(
         bar.update(len(order[start : start + cfg.batch_size]))
     rows: dict[str, list[Any]] = {"doc_id": [], "position": [], "context": [], "split": []}
     vectors = []
+    next_ids: list[list[int]] = []
+    next_probs: list[list[float]] = []
     for i, (doc, ids, positions) in enumerate(encoded):
         if not positions:
             continue
         split = assign_split(cfg.seed, doc.doc_id, meta.split_fractions)
-        for p in positions:
+        for k, p in enumerate(positions):
+            if i in guesses:
+                next_ids.append(guesses[i][0][k])
+                next_probs.append(guesses[i][1][k])
             rows["doc_id"].append(doc.doc_id)
             rows["position"].append(p)
             rows["context"].append(tokenizer.decode(ids[: p + 1], skip_special_tokens=True))
@@ -221,7 +246,11 @@ def _extract_shard(
     vecs = torch.cat(vectors) if vectors else torch.zeros((0, meta.d_model))
     if not torch.isfinite(vecs).all():
         raise NLAError("extract: the model produced NaN/inf activations (try --dtype float32)")
-    return make_table(rows, vecs, meta.d_model), n_tokens
+    table = make_table(rows, vecs, meta.d_model)
+    if cfg.next_tokens:
+        table = table.append_column(NEXT_TOKEN_IDS, pa.array(next_ids, type=pa.list_(pa.int32())))
+        table = table.append_column(NEXT_TOKEN_PROBS, pa.array(next_probs, type=pa.list_(pa.float32())))
+    return table, n_tokens
 
 
 def register(sub: Any) -> None:

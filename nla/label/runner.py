@@ -60,6 +60,7 @@ from nla.label.providers import (
     UnreachableError,
     make_teacher,
 )
+from nla.models.readout import NEXT_TOKEN_IDS, NEXT_TOKEN_PROBS
 
 
 @dataclass
@@ -151,6 +152,7 @@ class _Shard:
 class _Item:
     key: str
     context: str
+    next_tokens: tuple[tuple[int, float], ...] | None = None  # from `nla extract --next-tokens`
 
 
 @dataclass
@@ -293,10 +295,19 @@ class LabelRunner:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 self.flush()
 
+    def _next_tokens(self, shard: Path) -> list[tuple[tuple[int, float], ...]] | None:
+        """The base model's stored next-token guesses per row, or None when the dataset has none."""
+        if NEXT_TOKEN_IDS not in pq.read_schema(shard).names:
+            return None
+        table = pq.read_table(shard, columns=[NEXT_TOKEN_IDS, NEXT_TOKEN_PROBS])
+        ids, probs = table.column(NEXT_TOKEN_IDS).to_pylist(), table.column(NEXT_TOKEN_PROBS).to_pylist()
+        return [tuple(zip(i or [], p or [], strict=True)) for i, p in zip(ids, probs, strict=True)]
+
     async def _produce(self) -> None:
         for state in self.shards:
             if state.rows:
                 contexts = self.ds.read_shard(state.path, ["context"]).column("context").to_pylist()
+                guesses = self._next_tokens(state.path)
                 keys = {}
                 for i in state.rows:
                     if contexts[i] is not None:
@@ -315,7 +326,7 @@ class LabelRunner:
                         self.waiting[key].append((state, i))  # same context already asked
                         continue
                     self.waiting[key] = [(state, i)]
-                    await self.queue.put(_Item(key, contexts[i]))
+                    await self.queue.put(_Item(key, contexts[i], guesses[i] if guesses else None))
             state.queued_all = True
             self._maybe_write(state)
         for _ in range(max(1, self.cfg.concurrency) if self.teacher.remote else 1):
@@ -358,7 +369,7 @@ class LabelRunner:
         transient = malformed = 0
         teacher = self.teacher
         while pending:
-            requests = [LabelRequest(it.context, it.key) for it in pending]
+            requests = [LabelRequest(it.context, it.key, it.next_tokens) for it in pending]
             try:
                 if teacher.remote:
                     answers = await asyncio.wait_for(teacher.explain(requests), self.cfg.timeout)

@@ -1,4 +1,4 @@
-"""AR adaptation: after SFT, the AR learns to read the AV's own words (docs/design.md §7).
+"""AR adaptation: after SFT, the AR learns to read the AV's own words (docs/design.md §1; docs/training.md).
 
 Warm-started on teacher labels, the AR has only ever read correct explanations. The AV,
 reading vectors it never trained on, writes explanations that are partly wrong in its own
