@@ -218,21 +218,103 @@ def test_value_head_fp32_under_bf16_full_finetune(labelled: Path, tmp_path: Path
 
 
 # ---------------------------------------------------------------- resume
+# What differs between two runs of the same settings: wall-clock time and the rates measured from it.
+TIMING = {"time", "step_s", "tokens_per_s"}
+
+
+def bundle_tensors(run: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a run's final bundle (AV and AR weights, value head, mean vector), by file and key."""
+    from safetensors.torch import load_file
+
+    return {f"{f.relative_to(run)}:{k}": v for f in sorted(run.glob("*/*.safetensors"))
+            for k, v in load_file(str(f)).items()}
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run folders hold the same final bundle and log the same records, each (phase, step) once."""
+    ra, rb = ([{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run / "metrics.jsonl")]
+              for run in (a, b))
+    keys = [(r["phase"], r["step"]) for r in rb]
+    assert len(keys) == len(set(keys)), f"records logged twice: {keys}"
+    assert [(r["phase"], r["step"], sorted(r)) for r in ra] == [(r["phase"], r["step"], sorted(r)) for r in rb]
+    for x, y in zip(ra, rb, strict=True):
+        numbers = [k for k, v in x.items() if isinstance(v, float)]
+        assert {k: x[k] for k in numbers} == pytest.approx({k: y[k] for k in numbers}, rel=1e-4, abs=1e-5), x
+        assert {k: v for k, v in x.items() if k not in numbers} == {k: v for k, v in y.items() if k not in numbers}
+    ta, tb = bundle_tensors(a), bundle_tensors(b)
+    assert any("adapter_model" in k for k in ta) and "ar/value_head.safetensors:weight" in ta
+    assert ta.keys() == tb.keys()
+    for k in ta:  # float noise only (another process may sum in another order): the curves' tolerance
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_stopped_and_resumed_run_matches_uninterrupted(labelled: Path, tmp_path: Path) -> None:
+    """Three invocations (stopped in the AR before its first checkpoint, then after it) end with
+    the uninterrupted run's bundle and metrics.jsonl. The AR phase that starts over from step 0
+    logs its step-0 evaluation and first step once, not once per invocation."""
     full, part = tmp_path / "full", tmp_path / "part"
-    train_sft(cfg_for(labelled, full, max_steps=4, save_every=2))
-    train_sft(cfg_for(labelled, part, max_steps=4, save_every=2, stop_after_steps=7))
+    train_sft(cfg_for(labelled, full, max_steps=4, save_every=2, eval_every=2))
+    train_sft(cfg_for(labelled, part, max_steps=4, save_every=2, eval_every=2, stop_after_steps=5))
+    last_av = latest_checkpoint(part, "av")
+    assert latest_checkpoint(part, "ar") is None and last_av is not None and last_av.name == "av-0000004"
+    assert [r["step"] for r in read_metrics(part / "metrics.jsonl") if r["phase"] == "ar"] == [1]
+    with pytest.raises(NLAError, match="--resume"):
+        train_sft(cfg_for(labelled, part, max_steps=4, save_every=2, eval_every=2))
+    with pytest.raises(NLAError, match="max_steps"):
+        train_sft(cfg_for(labelled, part, max_steps=5, save_every=2, eval_every=2, resume=True))
+    train_sft(cfg_for(labelled, part, max_steps=4, save_every=2, eval_every=2, resume=True, stop_after_steps=3))
     ck = latest_checkpoint(part, "ar")
     assert ck is not None and ck.name == "ar-0000002"
-    with pytest.raises(NLAError, match="--resume"):
-        train_sft(cfg_for(labelled, part, max_steps=4, save_every=2))
-    with pytest.raises(NLAError, match="max_steps"):
-        train_sft(cfg_for(labelled, part, max_steps=5, save_every=2, resume=True))
-    train_sft(cfg_for(labelled, part, max_steps=4, save_every=2, resume=True))
+    train_sft(cfg_for(labelled, part, max_steps=4, save_every=2, eval_every=2, resume=True))
     for phase in ("av", "ar"):
-        a, b = curve(full, phase), curve(part, phase)
-        assert len(a) == len(b) == 4
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+        assert len(curve(full, phase)) == 4
+        assert curve(full, phase)[0] != pytest.approx(curve(full, phase)[-1])  # it trained
+    assert_same_run(full, part)
+
+
+def test_stop_at_a_phase_boundary_does_not_start_the_next_phase(labelled: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A step budget spent exactly by the AV ends the invocation there: the AR is neither set up
+    nor evaluated (nothing of it logged), and the resume trains it as an uninterrupted run would."""
+    run = tmp_path / "run"
+    train_sft(cfg_for(labelled, run, max_steps=2, stop_after_steps=2))
+    out = capsys.readouterr().out
+    assert "train av:" in out and "train ar:" not in out and "stopped after --stop-after-steps" in out
+    assert {r["phase"] for r in read_metrics(run / "metrics.jsonl")} == {"av", "av_eval"}
+    train_sft(cfg_for(labelled, run, max_steps=2, resume=True))
+    assert [(r["phase"], r["step"]) for r in read_metrics(run / "metrics.jsonl") if r["phase"].startswith("ar")] == [
+        ("ar_eval", 0), ("ar", 1), ("ar", 2), ("ar_eval", 2)]
+
+
+def test_the_trainer_api_step_evaluate_save_resume(labelled: Path, tmp_path: Path) -> None:
+    """SFTTrainer has the RL trainer's shape: set up once, then step / evaluate / save, and a new
+    trainer on the saved checkpoint continues with the same optimizer, schedule and losses."""
+    from nla.bundle import NLA
+    from nla.train.loop import MetricsLogger
+    from nla.train.sft import SFTTrainer, make_accelerator, start_bundle
+
+    cfg = cfg_for(labelled, tmp_path / "run", max_steps=3)
+    ds = ActivationDataset.open(labelled)
+
+    def trainer(nla: NLA) -> SFTTrainer:
+        return SFTTrainer(cfg, "ar", nla, ds, make_accelerator(cfg), MetricsLogger(cfg.out, enabled=False))
+
+    a = trainer(start_bundle(cfg, torch.device("cpu"), ds))
+    assert a.total == 3 and a.state.step == 0 and a.global_batch == 8
+    before = a.evaluate()
+    assert set(before) >= {"fve_nrm", "mse_nrm", "cosine"}
+    rec = a.step(0)
+    assert {"loss", "lr", "grad_norm", "skipped", "tokens"} <= set(rec) and not rec["skipped"]
+    a.state.step = 1
+    a.save()
+    ck = latest_checkpoint(cfg.out, "ar")
+    assert ck is not None and ck.name == "ar-0000001"
+    after = [a.step(s)["loss"] for s in (1, 2)]
+    assert a.evaluate()["mse_nrm"] < before["mse_nrm"]
+
+    b = trainer(NLA.from_pretrained(ck, device="cpu", is_trainable=True))
+    assert b.try_resume(ck) and b.state.step == 1
+    assert [b.step(s)["loss"] for s in (1, 2)] == pytest.approx(after, rel=1e-5)
 
 
 def free_port() -> int:
@@ -246,7 +328,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "nla.cli", "train", *args]
 
 
-def test_sigkill_then_resume_gives_the_same_curve(labelled: Path, tmp_path: Path) -> None:
+def test_sigkill_then_resume_gives_the_same_curve_and_bundle(labelled: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     # Enough steps after the kill point that the run cannot finish between two polls.
     steps, every = 30, 3
@@ -274,6 +356,8 @@ def test_sigkill_then_resume_gives_the_same_curve(labelled: Path, tmp_path: Path
     assert [r["step"] for r in read_metrics(killed / "metrics.jsonl") if r["phase"] == "ar"] == list(range(1, steps + 1))
     assert len(a) == steps and a == pytest.approx(b, rel=1e-4, abs=1e-5)
     assert a[0] != pytest.approx(a[-1])  # it trained: the curves agree on more than a constant
+    # The same final adapter and value head, and the same records (evaluations included).
+    assert_same_run(clean, killed)
 
 
 # ---------------------------------------------------------------- scale

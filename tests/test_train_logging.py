@@ -68,11 +68,13 @@ def test_wandb_flag_without_the_package_is_one_line_before_any_work(bundle: Path
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     assert importlib.util.find_spec("wandb") is None, "this test checks the missing-package path"
     for argv in (["train", "rl", "--nla", str(bundle), "--data", str(tiny_dataset), "--out", str(tmp_path / "r")],
-                 ["eval", "--nla", str(bundle), "--data", str(tiny_dataset), "--out", str(tmp_path / "e")]):
+                 ["eval", "--nla", str(bundle), "--data", str(tiny_dataset), "--out", str(tmp_path / "e")],
+                 # SFT checks the sink before the dataset (unlabelled here) and before claiming --out.
+                 ["train", "sft", "--data", str(tiny_dataset), "--out", str(tmp_path / "s")]):
         assert main([*argv, "--wandb"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.splitlines() == [err] and "--wandb: the wandb package is not installed (pip install wandb)" in err
-    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
+    assert not any((tmp_path / name).exists() for name in ("r", "e", "s"))
 
 
 def test_flatten_numbers_keeps_finite_numbers_only() -> None:
