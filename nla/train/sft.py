@@ -13,6 +13,12 @@ global batch up to float noise, whatever the per-process token counts.
 
 Resume: the plan is a pure function of (seed, dataset, batch settings), so a checkpoint only
 records how many optimizer steps are done; optimizer, scheduler and RNG state are restored.
+
+Shape: :func:`train_sft` checks the settings, claims ``--out`` and runs one :class:`SFTTrainer`
+per target (AV, then AR) on one bundle. The trainer has the RL trainer's methods
+(:class:`nla.train.rl.RLTrainer`): set up in ``__init__``, then ``try_resume``, ``step``,
+``evaluate``, ``save``, ``train``; logging, schedule, NaN guard and checkpoints are
+:mod:`nla.train.loop`'s.
 """
 
 from __future__ import annotations
