@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nla.bundle import NLA, LoraSettings
+from nla.cli import main
 from nla.errors import NLAError
 from nla.train.generation import Rollout, SamplingSettings, TransformersBackend, make_backend
 from nla.train.loop import read_metrics
@@ -117,6 +118,14 @@ def test_vllm_backend_names_the_missing_package(warm_start: Path) -> None:
         make_backend("vllm", nla.verbalizer, base_dir=warm_start)
     with pytest.raises(NLAError, match="unknown generation backend 'hf'"):
         make_backend("hf", nla.verbalizer)
+
+
+def test_rl_without_vllm_stops_before_claiming_the_run_folder(warm_start: Path, tiny_dataset: Path,
+                                                               tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    assert main(["train", "rl", "--nla", str(warm_start), "--data", str(tiny_dataset), "--out", str(out),
+                 "--generation-backend", "vllm", "--device", "cpu"]) != 0
+    assert not out.exists()
 
 
 def test_logprobs_do_not_depend_on_padding_or_batching(warm_start: Path) -> None:

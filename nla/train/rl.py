@@ -49,6 +49,7 @@ from nla.train.generation import (
     Rollout,
     RolloutBackend,
     SamplingSettings,
+    check_backend,
     make_backend,
     vllm_weight_items,
 )
@@ -400,6 +401,7 @@ class RLTrainer:
                                "fine-tuning) cannot update them: pass --lora-r N")
             check_4bit_available(cfg.device)  # before the run directory is claimed
         loop.check_logging_backends(cfg.tensorboard, cfg.wandb)
+        check_backend(cfg.generation_backend)  # vLLM missing, too old or no GPU: before --out is claimed
         # Under `accelerate launch`: this rank's place and device (docs/scaling.md).
         self.dist = loop.Distributed(cfg.device)
         if self.dist.world > 1 and cfg.generation_backend != "transformers":
