@@ -214,6 +214,27 @@ def load_vectors(path: str | Path) -> torch.Tensor:
     return value.unsqueeze(0) if value.ndim == 1 else value
 
 
+def save_value_head(head: torch.nn.Linear, ar_dir: Path) -> None:
+    """The AR's head as ``ar/value_head.safetensors`` in fp32 (docs/design.md §5), bias when it has one."""
+    from safetensors.torch import save_file
+
+    tensors = {"weight": head.weight.detach().float().cpu().contiguous()}
+    if head.bias is not None:
+        tensors["bias"] = head.bias.detach().float().cpu().contiguous()
+    save_file(tensors, str(ar_dir / VALUE_HEAD_FILE))
+
+
+def swap_in(tmp: Path, root: Path) -> None:
+    """Replace folder ``root`` by the finished ``tmp``: a kill leaves the old bundle or the new
+    one (at worst beside ``root.old``), never a half-written folder."""
+    old = root.with_name(root.name + ".old")
+    if root.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        root.rename(old)
+    tmp.rename(root)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 class NLA:
     """A loaded NLA: ``verbalize``, ``reconstruct``, ``round_trip``, ``explain``."""
 
@@ -452,19 +473,11 @@ class NLA:
         trunk.save_pretrained(tmp / "ar")
         if self.meta.av_format == "full":
             self.tokenizer.save_pretrained(tmp / "av")
-        head = {"weight": self.ar.value_head.weight.detach().float().cpu().contiguous()}
-        if self.ar.value_head.bias is not None:
-            head["bias"] = self.ar.value_head.bias.detach().float().cpu().contiguous()
-        save_file(head, str(tmp / "ar" / VALUE_HEAD_FILE))
+        save_value_head(self.ar.value_head, tmp / "ar")
         if self.mean_vector is not None:
             save_file({"mean": self.mean_vector.float().contiguous()}, str(tmp / MEAN_VECTOR_FILE))
         write_yaml(tmp / META_NAME, self.meta.to_dict())
-        old = root.with_name(root.name + ".old")
-        if root.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            root.rename(old)
-        tmp.rename(root)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, root)
 
     # ---------------------------------------------------------------- API
     def verbalize(self, vectors: torch.Tensor, n: int = 1, **generate_kwargs: Any) -> list[list[Verbalization]]:

@@ -164,20 +164,15 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     if inner is bool:
         if isinstance(value, bool):
             return value
-    elif inner is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    elif inner in (int, float):
+        # An int is a float, a float is not an int; YAML 1.1 reads `1e-4` as a string, so numbers
+        # given as text are parsed (docs/design.md §1, "Configs are typed"). bool is never a number.
+        numeric = (int,) if inner is int else (int, float)
+        if isinstance(value, numeric) and not isinstance(value, bool):
+            return inner(value)
         if isinstance(value, str):
             try:
-                return int(value.strip())
-            except ValueError:
-                pass
-    elif inner is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
+                return inner(value.strip())
             except ValueError:
                 pass
     elif inner is str:

@@ -19,20 +19,26 @@ import yaml
 from nla.errors import NLAError
 from nla.names import DATASET_KIND, DATASET_SCHEMA_VERSION, META_NAME, write_text_atomic
 
-__all__ = ["DATASET_KIND", "DATASET_SCHEMA_VERSION", "META_NAME", "DatasetMeta", "read_yaml", "redact_secrets",
+__all__ = ["DATASET_KIND", "DATASET_SCHEMA_VERSION", "META_NAME", "DatasetMeta", "read_bytes", "read_yaml", "redact_secrets",
            "require", "write_yaml"]
+
+
+def read_bytes(path: Path, expected: str = "a file") -> bytes:
+    """A file's bytes; missing, a folder or unreadable is one line naming the path."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise NLAError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise NLAError(f"{path}: is a folder, expected {expected}") from None
+    except PermissionError:
+        raise NLAError(f"{path}: permission denied") from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise NLAError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise NLAError(f"{path}: is a folder, expected a YAML file") from None
-    except PermissionError:
-        raise NLAError(f"{path}: permission denied") from None
+        text = read_bytes(path, "a YAML file").decode("utf-8")
     except UnicodeDecodeError:
         raise NLAError(f"{path}: not UTF-8 text") from None
     try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nla.errors import NLAError
+from nla.meta import read_bytes
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 
@@ -54,14 +55,7 @@ def builtin_documents(chunk_chars: int = 1200) -> list[Document]:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise NLAError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise NLAError(f"{path}: is a directory, expected a file") from None
-    except PermissionError:
-        raise NLAError(f"{path}: permission denied") from None
+    raw = read_bytes(path)
     if b"\x00" in raw[:8192]:
         raise NLAError(f"{path}: looks like a binary file (NUL bytes), expected UTF-8 text")
     try:

@@ -10,26 +10,39 @@ none, which is why it lives below both the reader and ``nla extract``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from nla.errors import NLAError
 from nla.names import SPLITS
 
+T = TypeVar("T")
+
+
+def parse_assignments(items: Iterable[str], flag: str, known: Sequence[str], convert: Callable[[str], T], *,
+                      form: str, noun: str, value_kind: str) -> dict[str, T]:
+    """``NAME=VALUE`` items of a flag → ``{name: value}``; a malformed item, an unknown name or a
+    value ``convert`` refuses is a one-line error naming the flag (``--split``, ``--layers``)."""
+    out: dict[str, T] = {}
+    for item in items:
+        if "=" not in item:
+            raise NLAError(f"{flag}: {item!r} is not {form}")
+        name, value = item.split("=", 1)
+        name = name.strip()
+        if name not in known:
+            raise NLAError(f"{flag}: unknown {noun} {name!r} ({noun}s: {', '.join(known)})")
+        try:
+            out[name] = convert(value)
+        except ValueError:
+            raise NLAError(f"{flag}: {value!r} is not {value_kind}") from None
+    return out
+
 
 def parse_split(spec: str) -> dict[str, float]:
-    fractions: dict[str, float] = {}
-    for part in spec.split(","):
-        if "=" not in part:
-            raise NLAError(f"--split: {part!r} is not NAME=FRACTION")
-        name, value = part.split("=", 1)
-        name = name.strip()
-        if name not in SPLITS:
-            raise NLAError(f"--split: unknown split {name!r} (splits: {', '.join(SPLITS)})")
-        try:
-            fractions[name] = float(value)
-        except ValueError:
-            raise NLAError(f"--split: {value!r} is not a number") from None
+    fractions = parse_assignments(spec.split(","), "--split", SPLITS, float, form="NAME=FRACTION", noun="split",
+                                  value_kind="a number")
     total = sum(fractions.values())
     if total <= 0 or any(v < 0 for v in fractions.values()):
         raise NLAError("--split: fractions must be non-negative and not all zero")

@@ -41,7 +41,6 @@ from nla.interop.common import (
     assemble,
     check_equal,
     find_partner,
-    identity_head,
     is_adapter_dir,
     linear_from,
     load_av,
@@ -55,6 +54,7 @@ from nla.interop.common import (
 from nla.interop.paper import layer_fields
 from nla.meta import META_NAME
 from nla.models.injection import MarkerTokens
+from nla.models.reconstructor import identity_head
 from nla.models.verbalizer import InjectionSettings
 
 INJECTION_SCALE = 150.0  # nla_lib.INJECTION_SCALE: every published adapter normalises to it

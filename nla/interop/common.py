@@ -152,44 +152,38 @@ def linear_from(tensors: dict[str, torch.Tensor], d_in: int, d_out: int, path: s
     return layer
 
 
-def identity_head(d: int) -> nn.Linear:
-    """A bias-free identity ``Linear(d, d)``: ARs whose head was never trained or saved."""
-    layer = nn.Linear(d, d, bias=False, dtype=torch.float32)
-    with torch.no_grad():
-        layer.weight.copy_(torch.eye(d))
-    return layer
 
-
-
-def _text_config(folder: Path) -> tuple[Path, dict[str, Any]]:
-    """A model folder's config.json read as data (the text model's part for multimodal ones)."""
+def read_json(path: Path, what: str = "malformed JSON") -> Any:
+    """A JSON file read as data; unreadable or malformed is one line naming the file."""
     import json
 
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise NLAError(f"{path}: {what} ({first_line(exc)})") from None
+
+
+def _config_int(folder: Path, names: tuple[str, ...], missing: str) -> int:
+    """The first integer of ``names`` in a model folder's config.json, read as data (the text
+    model's part for multimodal ones)."""
     path = folder / "config.json"
     if not path.exists():
         raise NLAError(f"{folder}: no config.json")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise NLAError(f"{path}: malformed JSON ({first_line(exc)})") from None
-    return path, cfg.get("text_config") or cfg
+    cfg = read_json(path)
+    cfg = cfg.get("text_config") or cfg
+    for name in names:
+        if isinstance(cfg.get(name), int):
+            return int(cfg[name])
+    raise NLAError(f"{path}: no {missing}")
 
 def config_layers(folder: Path) -> int:
     """``num_hidden_layers`` from a model folder's config.json, read as data (no code)."""
-    path, cfg = _text_config(folder)
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(cfg.get(name), int):
-            return int(cfg[name])
-    raise NLAError(f"{path}: no num_hidden_layers")
+    return _config_int(folder, ("num_hidden_layers", "n_layer", "num_layers"), "num_hidden_layers")
 
 
 def config_width(folder: Path) -> int:
     """``hidden_size`` from a model folder's config.json (read as data)."""
-    path, cfg = _text_config(folder)
-    for name in ("hidden_size", "n_embd", "d_model"):
-        if isinstance(cfg.get(name), int):
-            return int(cfg[name])
-    raise NLAError(f"{path}: no hidden_size")
+    return _config_int(folder, ("hidden_size", "n_embd", "d_model"), "hidden_size")
 
 
 def check_width(d_model: int, folders: list[Path], where: str | Path, field: str = "d_model") -> None:
@@ -235,12 +229,7 @@ def is_adapter_dir(folder: Path) -> bool:
 
 def adapter_base(folder: Path) -> str | None:
     """``base_model_name_or_path`` of a PEFT adapter folder (read as JSON data)."""
-    import json
-
-    try:
-        cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise NLAError(f"{folder / 'adapter_config.json'}: unreadable ({first_line(exc)})") from None
+    cfg = read_json(folder / "adapter_config.json", "unreadable")
     base = cfg.get("base_model_name_or_path")
     return str(base) if base else None
 
@@ -270,6 +259,20 @@ def load_av(av_dir: Path, base: str | None, dtype: torch.dtype, device: torch.de
     return PeftModel.from_pretrained(model, str(av_dir), is_trainable=False).eval()
 
 
+def check_marker(tokenizer: Any, meta: Any, where: str, field_names: dict[str, str] | None = None) -> None:
+    """The sidecar's marker checked against the live tokenizer (docs/design.md §4), the error
+    naming the fields as the layout's own file spells them (``field_names``: ours → theirs)."""
+    from nla.bundle import check_tokens
+
+    try:
+        check_tokens(tokenizer, meta.tokens, meta.prompt_templates["av"], where)
+    except NLAError as exc:
+        message = str(exc)
+        for ours, theirs in (field_names or {}).items():
+            message = message.replace(f"'{ours}'", f"'{theirs}'")
+        raise NLAError(message) from None
+
+
 def assemble(meta: Any, av_model: Any, trunk: nn.Module, tokenizer: Any, head: nn.Linear,
              device: torch.device, where: str, mean_vector: torch.Tensor | None = None,
              field_names: dict[str, str] | None = None) -> Any:
@@ -278,18 +281,12 @@ def assemble(meta: Any, av_model: Any, trunk: nn.Module, tokenizer: Any, head: n
     ``field_names`` maps our token field names to the layout's, so an error names the field
     as the user's own file spells it.
     """
-    from nla.bundle import NLA, apply_prompt_format, check_tokens
+    from nla.bundle import NLA, apply_prompt_format
     from nla.models.layers import hidden_size
     from nla.models.reconstructor import Reconstructor
 
     apply_prompt_format(tokenizer, meta)
-    try:
-        check_tokens(tokenizer, meta.tokens, meta.prompt_templates["av"], where)
-    except NLAError as exc:
-        message = str(exc)
-        for ours, theirs in (field_names or {}).items():
-            message = message.replace(f"'{ours}'", f"'{theirs}'")
-        raise NLAError(message) from None
+    check_marker(tokenizer, meta, where, field_names)
     d_av = hidden_size(av_model.config)
     d_ar = hidden_size(trunk.config)  # type: ignore[arg-type]
     if d_av != meta.d_model or d_ar != meta.d_model:
@@ -398,13 +395,8 @@ def block_index(path: str) -> int | None:
 
 def adapter_scaling(folder: Path) -> float:
     """``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) from a PEFT ``adapter_config.json``."""
-    import json
-
     path = folder / "adapter_config.json"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise NLAError(f"{path}: unreadable ({first_line(exc)})") from None
+    cfg = read_json(path, "unreadable")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
         raise NLAError(f"{path}: fields 'r' and 'lora_alpha' must be numbers, got {r!r} and {alpha!r}")

@@ -34,7 +34,6 @@ direction-only (reconstructions equal theirs up to a positive per-row factor).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ from nla.interop.common import (
     load_linear,
     map_placeholders,
     merged_trunk,
+    read_json,
     read_tensors,
     resolve_scale,
     sidecar,
@@ -199,10 +199,7 @@ def _ar_meta(ar_dir: Path) -> dict[str, Any]:
     path = ar_dir / AR_META
     if not path.exists():
         raise NLAError(f"{ar_dir}: {AR_LORA} without {AR_META} (needs ar_num_layers, lora_r, lora_alpha)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise NLAError(f"{path}: malformed JSON ({str(exc).splitlines()[0]})") from None
+    data = read_json(path)
     for name in ("ar_num_layers", "lora_r", "lora_alpha"):
         if not isinstance(data.get(name), (int, float)) or isinstance(data.get(name), bool):
             raise NLAError(f"{path}: missing or invalid field {name!r}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from nla.bundle import NLA, BundleMeta
+from nla.bundle import NLA, BundleMeta, save_value_head, swap_in
 from nla.errors import NLAError
 from nla.meta import META_NAME, read_yaml, write_yaml
 from nla.models.reconstructor import Reconstructor
@@ -91,8 +91,6 @@ class SingleRoleNLA(NLA):
 
     def save_pretrained(self, path: str | Path) -> None:
         """A half bundle, written to ``path.tmp`` then swapped in (never half a folder)."""
-        from safetensors.torch import save_file
-
         root = Path(path)
         tmp = root.with_name(root.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -105,35 +103,22 @@ class SingleRoleNLA(NLA):
             trunk: Any = self.ar.trunk
             trunk.save_pretrained(tmp / "ar")
             self.tokenizer.save_pretrained(tmp / "ar")
-            head = {"weight": self.ar.value_head.weight.detach().float().cpu().contiguous()}
-            if self.ar.value_head.bias is not None:
-                head["bias"] = self.ar.value_head.bias.detach().float().cpu().contiguous()
-            save_file(head, str(tmp / "ar" / VALUE_HEAD_FILE))
+            save_value_head(self.ar.value_head, tmp / "ar")
         data = self.meta.to_dict()
         data.update(kind=KIND, role=self.role)
         write_yaml(tmp / META_NAME, data)
-        old = root.with_name(root.name + ".old")
-        if root.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            root.rename(old)
-        tmp.rename(root)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, root)
 
 
 def build(meta: BundleMeta, role: str, tokenizer: Any, model: Any, head: Any, device: torch.device,
           where: str, field_names: dict[str, str] | None = None) -> SingleRoleNLA:
     """A :class:`SingleRoleNLA` from a loaded half (the AV's marker checked live first)."""
-    from nla.bundle import apply_prompt_format, check_tokens
+    from nla.bundle import apply_prompt_format
+    from nla.interop.common import check_marker
 
     apply_prompt_format(tokenizer, meta)
     if role == "av":
-        try:
-            check_tokens(tokenizer, meta.tokens, meta.prompt_templates["av"], where)
-        except NLAError as exc:
-            message = str(exc)
-            for ours, theirs in (field_names or {}).items():
-                message = message.replace(f"'{ours}'", f"'{theirs}'")
-            raise NLAError(message) from None
+        check_marker(tokenizer, meta, where, field_names)
         model.to(device).eval()
         return SingleRoleNLA(meta, "av", tokenizer, av_model=model)
     ar = Reconstructor(model, tokenizer, meta.prompt_templates["ar"])

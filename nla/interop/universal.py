@@ -70,18 +70,13 @@ class UniversalParts:
 
 def read_pool(folder: Path, d_shared: int, where: Path) -> tuple[dict[str, tuple[nn.Linear, nn.Linear]], dict[str, int]]:
     """``ModelPoolAdapters`` files → ``{tag: (enc, dec)}`` and ``{tag: d_M}``."""
-    import json
-
-    from nla.interop.common import linear_from, read_tensors
+    from nla.interop.common import linear_from, read_json, read_tensors
 
     meta_path, weights = folder / POOL_META, folder / POOL_WEIGHTS
     for f in (meta_path, weights):
         if not f.exists():
             raise NLAError(f"{where}: missing {f.relative_to(folder.parent)}")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise NLAError(f"{meta_path}: malformed JSON ({str(exc).splitlines()[0]})") from None
+    meta = read_json(meta_path)
     cls = meta.get("adapter_class", "LinearAdapter")
     if cls != "LinearAdapter":
         raise NLAError(f"{meta_path}: field 'adapter_class' is {cls!r}; only LinearAdapter (bias-free linear maps) "
@@ -116,13 +111,13 @@ def load(path: str | Path, *, base_model: str | None = None, layer: int | None =
         adapter_scaling,
         adapter_tensors,
         check_equal,
-        identity_head,
         is_adapter_dir,
         merged_trunk,
     )
     from nla.models.injection import MarkerTokens
     from nla.models.layers import num_layers
     from nla.models.loading import canonical_spec, load_tokenizer, parse_dtype, pick_device
+    from nla.models.reconstructor import identity_head
     from nla.models.verbalizer import InjectionSettings
 
     root = Path(path)

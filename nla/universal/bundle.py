@@ -21,14 +21,8 @@ from nla.interop.universal import KIND as PUBLISHED_KIND
 from nla.interop.universal import UniversalParts
 from nla.interop.universal import load as load_published
 from nla.meta import META_NAME, require
+from nla.models.reconstructor import identity_head
 from nla.names import ADAPTERS_DIR as ADAPTERS
-
-
-def identity_map(d: int) -> nn.Linear:
-    layer = nn.Linear(d, d, bias=False, dtype=torch.float32)
-    with torch.no_grad():
-        layer.weight.copy_(torch.eye(d))
-    return layer
 
 
 def save_map(layer: nn.Linear, path: Path) -> None:
@@ -74,7 +68,7 @@ class UniversalNLA:
         for tag, (enc, dec) in maps.items():
             self.add_model(tag, enc, dec)
         if anchor not in self.maps:
-            self.add_model(anchor, identity_map(self.d_shared), identity_map(self.d_shared))
+            self.add_model(anchor, identity_head(self.d_shared), identity_head(self.d_shared))
 
     @property
     def d_shared(self) -> int:

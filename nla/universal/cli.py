@@ -29,7 +29,8 @@ from torch import nn
 from nla.config import opt, save_config
 from nla.errors import NLAError
 from nla.meta import META_NAME, read_yaml, write_yaml
-from nla.universal.bundle import ADAPTERS, UniversalNLA, identity_map, read_map, save_map
+from nla.models.reconstructor import identity_head
+from nla.universal.bundle import ADAPTERS, UniversalNLA, read_map, save_map
 from nla.universal.extract import (
     DATA_META,
     UniversalData,
@@ -363,7 +364,7 @@ def train_universal(cfg: UniversalTrainConfig) -> Path:
     tags = list(cfg.models) or [data.anchor, *sorted(t for t in data.models if t != data.anchor
                                                       and (maps_dir / t / "enc.safetensors").exists())]
     d_shared = data.dataset(data.anchor).d_model
-    maps = {t: identity_map(d_shared) if t == data.anchor else load_enc(maps_dir, t) for t in tags}
+    maps = {t: identity_head(d_shared) if t == data.anchor else load_enc(maps_dir, t) for t in tags}
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "universal_train_config.yaml")

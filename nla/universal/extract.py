@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from nla.config import opt, save_config
 from nla.data.corpus import Document, load_corpus
-from nla.data.sampling import assign_split, parse_split, sample_positions
+from nla.data.sampling import assign_split, parse_assignments, parse_split, sample_positions
 from nla.data.store import (
     VECTOR_COLUMN,
     ActivationDataset,
@@ -109,18 +109,7 @@ def parse_models(items: list[str]) -> dict[str, str]:
 
 
 def parse_layers(items: list[str], tags: list[str]) -> dict[str, int]:
-    layers: dict[str, int] = {}
-    for item in items:
-        if "=" not in item:
-            raise NLAError(f"--layers: {item!r} is not TAG=K")
-        tag, value = item.split("=", 1)
-        if tag not in tags:
-            raise NLAError(f"--layers: unknown tag {tag!r} (tags: {', '.join(tags)})")
-        try:
-            layers[tag] = int(value)
-        except ValueError:
-            raise NLAError(f"--layers: {value!r} is not an integer") from None
-    return layers
+    return parse_assignments(items, "--layers", tags, int, form="TAG=K", noun="tag", value_kind="an integer")
 
 
 def model_default_layer(spec: str, n_layers: int) -> int:

@@ -111,6 +111,6 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, x_heldout: torch.Tensor | None 
 
 def identity_fit(d: int) -> FitResult:
     """The anchor's own map: its space is the shared space."""
-    from nla.universal.bundle import identity_map
+    from nla.models.reconstructor import identity_head
 
-    return FitResult(identity_map(d), {"fve_nrm": 1.0}, {"fve_nrm": 1.0}, d, 0.0)
+    return FitResult(identity_head(d), {"fve_nrm": 1.0}, {"fve_nrm": 1.0}, d, 0.0)
