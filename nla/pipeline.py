@@ -15,79 +15,13 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nla.config import check_device, config_from_dict, config_to_dict, opt
+from nla.config import check_device, config_from_dict, config_to_dict
 from nla.errors import NLAError
 from nla.meta import read_yaml, redact_secrets, write_yaml
-
-STAMP = ".nla_stage.json"
-
-
-@dataclass
-class RunConfig:
-    """Top-level settings of `nla run` (each stage also reads its own section of the YAML)."""
-
-    work_dir: str = opt("runs/default", help="where every stage writes its output")
-    model: str = opt("default", help="base model: 'default' (SmolLM2-135M), hub id, local path or tiny:<arch>")
-    layer: int | None = opt(20, help="layer K = output of decoder block K (0-based); null: (2*n_layers)//3")
-    corpus: str = opt("builtin", help="'builtin', a text/JSONL/Parquet file, a folder, or hf:NAME")
-    teacher: str = opt("lens", help="labeling teacher: lens | openai:<model> | anthropic:<model> | hf:<model>")
-    rl: bool = opt(False, help="run the RL stage after SFT")
-    device: str = opt("auto", help="cpu, cuda, auto")
-    seed: int = opt(0, help="seed for every stage")
-    examples: int = opt(3, help="example explanations printed at the end")
-    # The section defaults size the embedded default to about 30 minutes on 2 CPU cores
-    # (configs/default.yaml is the commented copy of these values).
-    extract: dict[str, Any] = opt(
-        # 20 positions per document: rows cost almost nothing beyond the document's forward pass
-        # (extraction and the lens teacher run each document once), and the AV needs many.
-        # next_tokens: the model's top-3 guesses stored per row, so the lens teacher runs no
-        # forward pass of its own (it used to cost more than extraction).
-        {"docs": 352, "positions_per_doc": 20, "seq_len": 256, "next_tokens": 3,
-         "split": "av_sft=0.4,ar_sft=0.25,rl=0.2,eval=0.15"},
-        help="settings for `nla extract` (see nla extract --help)",
-    )
-    # 64 rows ≈ 3 documents per lens forward pass: fewer documents split across batches.
-    label: dict[str, Any] = opt({"batch_size": 64}, help="settings for `nla label`")
-    sft: dict[str, Any] = opt(
-        # ar_adapt: the AR then reads the AV's own answers (nla/train/adapt.py; docs/benchmarks.md).
-        {"max_steps": 200, "ar_max_steps": 200, "lr": 1e-3, "ar_lr": 2e-3, "head_lr": 5e-3, "batch_size": 8,
-         "max_length": 128, "eval_every": 0, "save_every": 50, "eval_rows": 128,
-         "ar_adapt_steps": 150, "ar_adapt_rows": 384, "ar_adapt_lr": 2e-4},
-        help="settings for `nla train sft`",
-    )
-    rl_train: dict[str, Any] = opt(
-        # Sized for the embedded default on CPU: short lens explanations run ~37 tokens plus
-        # tags, so 72 new tokens never cut a well-formed one. The low AR rate and the
-        # contrastive term keep the gain from being hedging towards the mean
-        # (docs/benchmarks.md, "RL").
-        {"steps": 30, "batch_size": 4, "group_size": 4, "max_new_tokens": 72, "lr": 5e-4, "ar_lr": 5e-5,
-         "reward": ["neg_mse", "contrastive"], "reward_weights": [1.0, 1.0], "eval_rows": 128, "save_every": 10},
-        help="settings for `nla train rl` when rl is true (an `rl:` section in the YAML replaces them)",
-    )
-    eval: dict[str, Any] = opt(
-        # best-of-k samples k more answers per vector: off on CPU, where generation dominates.
-        {"max_rows": 256, "best_of": 0, "max_new_tokens": 72},
-        help="settings for `nla eval`",
-    )
-
-
-@dataclass
-class Stage:
-    name: str
-    settings: dict[str, Any]
-    run: Callable[[], Any]
-    output: Path
-    estimate_s: float = 0.0
-    estimate_mb: float = 0.0
-    depends: list[str] = field(default_factory=list)
-    fingerprint: str = ""
-    counts: dict[str, int] = field(default_factory=dict)  # rows done / failed, recorded in the stamp
-    wall_s: float = 0.0  # seconds the stage ran, recorded in the stamp and printed with the result
+from nla.stages import STAMP, RunConfig, Stage, make_stages, summarize_run
 
 
 def _fingerprint(settings: dict[str, Any], upstream: list[str]) -> str:
@@ -156,8 +90,6 @@ def load_run_config(path: str | None, overrides: dict[str, Any] | None = None) -
 
 
 def build_stages(cfg: RunConfig) -> list[Stage]:
-    from nla.stages import make_stages
-
     stages = make_stages(cfg)
     fingerprints: dict[str, str] = {}
     for stage in stages:
@@ -236,8 +168,6 @@ def run_pipeline(cfg: RunConfig, *, dry_run: bool = False, rebuild: bool = False
         stage.run()
         stage.wall_s = time.perf_counter() - started  # this invocation's (a resumed stage: its last part)
         write_stamp(stage)
-    from nla.stages import summarize_run
-
     return summarize_run(cfg)
 
 

@@ -25,8 +25,6 @@ PENDING: dict[frozenset[str], str] = {
                "nla.interop.universal", "nla.universal.bundle"}): "issue 16 item 6 (loader table returning parts)",
     # make_teacher (providers) builds a LensTeacher, which subclasses providers.Teacher.
     frozenset({"nla.label.lens", "nla.label.providers"}): "issue 16 item 4 (label)",
-    # pipeline runs the stages that stages.py defines on pipeline's RunConfig and Stage.
-    frozenset({"nla.pipeline", "nla.stages"}): "issue 16 item 3 (one stage contract)",
 }
 
 
