@@ -23,8 +23,6 @@ PENDING: dict[frozenset[str], str] = {
     frozenset({"nla.bundle", "nla.interop", "nla.interop.anicka", "nla.interop.common", "nla.interop.nanonla",
                "nla.interop.paper", "nla.interop.registry", "nla.interop.single", "nla.interop.solshine",
                "nla.interop.universal", "nla.universal.bundle"}): "issue 16 item 6 (loader table returning parts)",
-    # make_teacher (providers) builds a LensTeacher, which subclasses providers.Teacher.
-    frozenset({"nla.label.lens", "nla.label.providers"}): "issue 16 item 4 (label)",
 }
 
 

@@ -825,7 +825,7 @@ def run_judge(teacher: Any, rows: list[dict[str, Any]], texts: list[str], cfg: E
 def make_eval_teacher(cfg: EvalConfig, base_model: str) -> Any:
     if not cfg.teacher:
         return None
-    from nla.label.providers import TeacherSettings, make_teacher
+    from nla.label.teachers import TeacherSettings, make_teacher
 
     settings = TeacherSettings(base_url=cfg.base_url, api_key_env=cfg.api_key_env, device=cfg.device,
                                dtype=cfg.dtype, base_model=base_model, temperature=0.0)

@@ -8,7 +8,8 @@ from nla.label.prompt import (
     normalize_answer,
     parse_analysis,
 )
-from nla.label.providers import LabelRequest, Teacher, make_teacher
+from nla.label.providers import LabelRequest, Teacher
+from nla.label.teachers import make_teacher
 
 __all__ = [
     "PROMPT_VERSION",

@@ -24,7 +24,7 @@ import asyncio
 import json
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -416,46 +416,3 @@ class HFTeacher(Teacher):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "max_tokens": self.max_tokens, "temperature": self.temperature}
-
-
-# --------------------------------------------------------------------------- factory
-@dataclass
-class TeacherSettings:
-    """What :func:`make_teacher` needs from the label config."""
-
-    base_url: str | None = None
-    api_key_env: str | None = None
-    timeout: float = 60.0
-    max_tokens: int = 400
-    temperature: float = 0.7
-    concurrency: int = 32
-    batch_size: int = 16
-    device: str = "auto"
-    dtype: str = "float32"
-    base_model: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-PROVIDERS = ("lens", "lens-long", "openai", "anthropic", "hf")
-
-
-def make_teacher(spec: str, s: TeacherSettings) -> Teacher:
-    """Build a teacher from a ``--teacher`` spec."""
-    provider, _, model = spec.partition(":")
-    provider = provider.strip().lower()
-    if provider in ("lens", "lens-long"):
-        from nla.label.lens import LensTeacher
-
-        base = model or s.base_model
-        if not base or base == "unknown":
-            raise NLAError(f"--teacher {provider}: the dataset sidecar names no base model; use {provider}:MODEL")
-        return LensTeacher(base, device=s.device, dtype=s.dtype, batch_size=s.batch_size,
-                           style="short" if provider == "lens" else "long")
-    if provider in ("openai", "anthropic"):
-        cls = OpenAITeacher if provider == "openai" else AnthropicTeacher
-        return cls(model, base_url=s.base_url, api_key_env=s.api_key_env, timeout=s.timeout,
-                   max_tokens=s.max_tokens, temperature=s.temperature, concurrency=s.concurrency)
-    if provider == "hf":
-        return HFTeacher(model, device=s.device, dtype=s.dtype, batch_size=s.batch_size,
-                         max_tokens=s.max_tokens, temperature=s.temperature)
-    raise NLAError(f"--teacher {spec!r}: unknown provider {provider!r} (choose {', '.join(PROVIDERS)})")

@@ -55,11 +55,10 @@ from nla.label.providers import (
     LabelRequest,
     RejectedError,
     Teacher,
-    TeacherSettings,
     TransientError,
     UnreachableError,
-    make_teacher,
 )
+from nla.label.teachers import TeacherSettings, make_teacher
 from nla.models.readout import NEXT_TOKEN_IDS, NEXT_TOKEN_PROBS
 
 
