@@ -35,7 +35,7 @@ class RunConfig:
     device: str = opt("auto", help="cpu, cuda, auto")
     seed: int = opt(0, help="seed for every stage")
     examples: int = opt(3, help="example explanations printed at the end")
-    # The section defaults size the embedded default to about 30 minutes on 2 CPU cores
+    # The section defaults size the embedded default to about 35 minutes on 2 quiet CPU cores (34.5 measured)
     # (configs/default.yaml is the commented copy of these values).
     extract: dict[str, Any] = opt(
         # 20 positions per document: rows cost almost nothing beyond the document's forward pass
