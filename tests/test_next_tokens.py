@@ -67,6 +67,13 @@ def test_lens_reads_stored_guesses_instead_of_running_the_model(tmp_path: Path) 
     want = [r["explanation"] for r in ActivationDataset.open(plain).rows()]
     got = [r["explanation"] for r in ActivationDataset.open(tapped).rows()]
     assert all(want) and got == want
+    # The stored ids are tiny:llama's: a lens reading another model runs its own forward pass.
+    lens.LensTeacher._predictions = counting  # type: ignore[method-assign]
+    try:
+        assert main(["label", "--data", str(tapped), "--teacher", "lens:tiny:qwen2", "--no-progress"]) == 0
+    finally:
+        lens.LensTeacher._predictions = original  # type: ignore[method-assign]
+    assert sum(ran) > 0
 
 
 def test_a_dataset_made_without_guesses_refuses_to_resume_with_them(tmp_path: Path) -> None:

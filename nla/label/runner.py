@@ -295,7 +295,12 @@ class LabelRunner:
                 self.flush()
 
     def _next_tokens(self, shard: Path) -> list[tuple[tuple[int, float], ...]] | None:
-        """The base model's stored next-token guesses per row, or None when the dataset has none."""
+        """The base model's stored next-token guesses per row, or None when the dataset has none.
+
+        Token ids are the dataset model's: a teacher reading another model (``lens:OTHER``) gets none.
+        """
+        if getattr(self.teacher, "model", None) != self.ds.meta.base_model:
+            return None
         if NEXT_TOKEN_IDS not in pq.read_schema(shard).names:
             return None
         table = pq.read_table(shard, columns=[NEXT_TOKEN_IDS, NEXT_TOKEN_PROBS])
