@@ -107,6 +107,17 @@ def write_yaml(path: str | Path, data: dict[str, Any]) -> None:
     write_text_atomic(path, yaml.safe_dump(redact_secrets(data), sort_keys=False, allow_unicode=True))
 
 
+def read_sidecar(path: str | Path, kind: str, missing: str) -> dict[str, Any]:
+    """A sidecar of the given ``kind``; ``missing`` is the one-line error when the file is absent."""
+    path = Path(path)
+    if not path.exists():
+        raise NLAError(missing)
+    data = read_yaml(path)
+    if data.get("kind") != kind:
+        raise NLAError(f"{path}: field 'kind' is {data.get('kind')!r}, expected {kind!r}")
+    return data
+
+
 def require(data: dict[str, Any], dotted: str, where: str | Path, kind: type | tuple = object,
             positive: bool = False) -> Any:
     """``data['a']['b']`` for ``'a.b'``, or an error naming the missing/invalid field.

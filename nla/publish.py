@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nla.errors import NLAError
-from nla.meta import META_NAME, read_yaml
+from nla.meta import META_NAME, read_sidecar, read_yaml
 
 # Bundle members a published folder carries (see nla/bundle.py and docs/universal.md).
 BUNDLE_MEMBERS = (META_NAME, "mean_vector.safetensors", "av", "ar", "adapters")
@@ -314,11 +314,7 @@ def publish(run: str | Path, out: str | Path, *, report: str | Path | None = Non
     run = Path(run)
     out = Path(out)
     meta_path = run / META_NAME
-    if not meta_path.exists():
-        raise NLAError(f"{run}: not a bundle (no {META_NAME}); `nla import` other layouts first")
-    meta = read_yaml(meta_path)
-    if meta.get("kind") != BUNDLE_KIND:
-        raise NLAError(f"{meta_path}: field 'kind' is {meta.get('kind')!r}, expected {BUNDLE_KIND!r}")
+    meta = read_sidecar(meta_path, BUNDLE_KIND, f"{run}: not a bundle (no {META_NAME}); `nla import` other layouts first")
     if out.resolve() == run.resolve() or run.resolve() in out.resolve().parents:
         raise NLAError(f"--out {out} is inside the bundle {run}; choose a folder elsewhere")
     if out.exists() and any(out.iterdir()) and not ((out / "README.md").exists() and (out / META_NAME).exists()):

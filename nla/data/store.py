@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from nla.errors import NLAError
-from nla.meta import META_NAME, DatasetMeta, read_yaml, write_yaml
+from nla.meta import META_NAME, DatasetMeta, read_sidecar, read_yaml, write_yaml
 from nla.names import MEAN_VECTOR_FILE as MEAN_VECTOR_NAME
 from nla.names import SPLITS, TRAINING_SPLITS, VECTOR_COLUMN
 
@@ -196,11 +196,7 @@ class LabelTable:
     def open(cls, path: str | Path) -> LabelTable:
         path = Path(path)
         meta_path = path / LABELS_META
-        if not meta_path.exists():
-            raise NLAError(f"{path}: not a labels table (no {LABELS_META}); run `nla label`")
-        meta = read_yaml(meta_path)
-        if meta.get("kind") != LABELS_KIND:
-            raise NLAError(f"{meta_path}: kind is {meta.get('kind')!r}, expected {LABELS_KIND!r}")
+        meta = read_sidecar(meta_path, LABELS_KIND, f"{path}: not a labels table (no {LABELS_META}); run `nla label`")
         if meta.get("schema_version") != LABELS_SCHEMA_VERSION:
             raise NLAError(f"{meta_path}: unknown schema_version {meta.get('schema_version')!r} "
                            f"(this nla reads {LABELS_SCHEMA_VERSION})")
