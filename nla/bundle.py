@@ -2,20 +2,24 @@
 
 ```
 RUN/
-  nla_meta.yaml             kind: nla_bundle (see BundleMeta below)
+  nla_meta.yaml             kind: nla_bundle (see nla.parts.BundleMeta)
   mean_vector.safetensors   μ of the dataset the bundle was made from
   av/                       HF model dir or PEFT adapter dir
   ar/                       same, plus value_head.safetensors
 ```
 
 Values disagree? explicit argument > bundle sidecar > dataset sidecar.
+
+Every load ends in :meth:`NLA.from_parts`: a loader (our bundle's :func:`nla.parts.read_bundle`,
+or a published layout's importer through :mod:`nla.interop.registry`) returns parts, and the
+NLA builds itself from them. Importers never build an NLA themselves.
 """
 
 from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +27,8 @@ import torch
 
 from nla import metrics
 from nla.errors import NLAError
-from nla.meta import META_NAME, read_yaml, require, write_yaml
-from nla.models.injection import MarkerTokens, check_vectors, find_marker
+from nla.meta import META_NAME, read_yaml, write_yaml
+from nla.models.injection import check_vectors, find_marker
 from nla.models.prompts import (
     DEFAULT_AR_TEMPLATE,
     DEFAULT_AV_TEMPLATE,
@@ -35,7 +39,13 @@ from nla.models.prompts import (
 from nla.models.reconstructor import Reconstructor, load_trunk
 from nla.models.sharing import SharedParameter, share_frozen_base, unshare
 from nla.models.verbalizer import InjectionSettings, Verbalization, Verbalizer
-from nla.names import BUNDLE_KIND, BUNDLE_SCHEMA_VERSION, MEAN_VECTOR_FILE, VALUE_HEAD_FILE
+from nla.names import BUNDLE_KIND, MEAN_VECTOR_FILE, SINGLE_ROLE_KIND, VALUE_HEAD_FILE
+from nla.parts import BundleMeta, NLAParts, apply_prompt_format, check_tokens, read_bundle
+
+# Re-exported: the sidecar dataclass and the tokenizer checks live in nla.parts (below the
+# importers) and are public here as before.
+__all__ = ["NLA", "BundleMeta", "LoraSettings", "NLAParts", "RoundTrip", "SingleRoleNLA", "apply_prompt_format",
+           "check_tokens", "load_vectors", "save_value_head", "swap_in"]
 
 
 @dataclass
@@ -62,121 +72,12 @@ class LoraSettings:
 
 
 @dataclass
-class BundleMeta:
-    base_model: str
-    layer_index: int
-    d_model: int
-    n_layers: int
-    injection: InjectionSettings
-    tokens: MarkerTokens
-    prompt_templates: dict[str, str]
-    mse_scale: float
-    dataset: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)
-    av_format: str = "full"
-    ar_format: str = "full"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        from nla.names import VERSION as __version__
-
-        return {
-            "kind": BUNDLE_KIND,
-            "schema_version": BUNDLE_SCHEMA_VERSION,
-            "base_model": self.base_model,
-            "layer_index": self.layer_index,
-            "d_model": self.d_model,
-            "n_layers": self.n_layers,
-            "injection": self.injection.to_dict(),
-            "tokens": self.tokens.to_dict(),
-            "prompt_templates": dict(self.prompt_templates),
-            "mse_scale": self.mse_scale,
-            "dataset": self.dataset,
-            "training": self.training,
-            "av": {"format": self.av_format},
-            "ar": {"format": self.ar_format},
-            "extra": self.extra,
-            "nla_version": __version__,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str | Path) -> BundleMeta:
-        kind = require(data, "kind", where, str)
-        if kind != BUNDLE_KIND:
-            raise NLAError(f"{where}: field 'kind' is {kind!r}, expected {BUNDLE_KIND!r} (use `nla import` for other layouts)")
-        version = require(data, "schema_version", where, int)
-        if version != BUNDLE_SCHEMA_VERSION:
-            raise NLAError(f"{where}: unknown schema_version {version} (this nla reads {BUNDLE_SCHEMA_VERSION})")
-        inj = require(data, "injection", where, dict)
-        mode = require(data, "injection.mode", where, str)
-        if mode not in ("replace", "add"):
-            raise NLAError(f"{where}: field 'injection.mode' has invalid value {mode!r}")
-        tokens = MarkerTokens(
-            require(data, "tokens.marker", where, str),
-            require(data, "tokens.marker_id", where, int),
-            require(data, "tokens.left_id", where, int),
-            require(data, "tokens.right_id", where, int),
-        )
-        templates = require(data, "prompt_templates", where, dict)
-        for key in ("av", "ar"):
-            require(data, f"prompt_templates.{key}", where, str)
-        return cls(
-            base_model=require(data, "base_model", where, str),
-            layer_index=require(data, "layer_index", where, int),
-            d_model=require(data, "d_model", where, int),
-            n_layers=require(data, "n_layers", where, int),
-            injection=InjectionSettings(
-                mode=mode,
-                scale=float(require(data, "injection.scale", where, (int, float), positive=True)),
-                layer=int(inj.get("layer", 1)),
-                coef=float(inj.get("coef", 1.0)),
-            ),
-            tokens=tokens,
-            prompt_templates={"av": templates["av"], "ar": templates["ar"]},
-            mse_scale=float(data.get("mse_scale", require(data, "d_model", where, int) ** 0.5)),
-            dataset=data.get("dataset") or {},
-            training=data.get("training") or {},
-            av_format=(data.get("av") or {}).get("format", "full"),
-            ar_format=(data.get("ar") or {}).get("format", "full"),
-            extra=data.get("extra") or {},
-        )
-
-
-@dataclass
 class RoundTrip:
     explanations: list[str | None]
     raw: list[str]
     reconstructions: torch.Tensor
     per_vector: list[dict[str, float]]
     metrics: dict[str, float]
-
-
-def check_tokens(tokenizer: Any, tokens: MarkerTokens, av_template: str, where: str) -> None:
-    """The sidecar's marker ids must be what the live tokenizer produces (docs/design.md §4)."""
-    ids = tokenizer.encode(tokens.marker, add_special_tokens=False)
-    if list(ids) != [tokens.marker_id]:
-        raise NLAError(f"{where}: field 'tokens.marker_id' is {tokens.marker_id} but the tokenizer encodes "
-                       f"{tokens.marker!r} as {list(ids)}")
-    prompt = encode_rendered(tokenizer, render_chat(tokenizer, user_content(av_template, tokens.marker)))
-    hits = [i for i, t in enumerate(prompt) if t == tokens.marker_id]
-    if len(hits) != 1:
-        raise NLAError(f"{where}: the AV prompt holds the marker {len(hits)} times, expected once")
-    p = hits[0]
-    if prompt[p - 1] != tokens.left_id:
-        raise NLAError(f"{where}: field 'tokens.left_id' is {tokens.left_id}, the live tokenizer gives {prompt[p - 1]}")
-    if prompt[p + 1] != tokens.right_id:
-        raise NLAError(f"{where}: field 'tokens.right_id' is {tokens.right_id}, the live tokenizer gives {prompt[p + 1]}")
-
-
-def apply_prompt_format(tokenizer: Any, meta: BundleMeta) -> None:
-    """An imported AV trained on a raw prompt (no chat turn) keeps its recorded template.
-
-    ``extra.av_chat_template`` is a Jinja chat template written by the importer (e.g. BOS +
-    the user text as is, docs/interop.md); the verbalizer renders prompts through it.
-    """
-    template = meta.extra.get("av_chat_template")
-    if isinstance(template, str):
-        tokenizer.chat_template = template
 
 
 def load_vectors(path: str | Path) -> torch.Tensor:
@@ -388,74 +289,60 @@ class NLA:
         is_trainable: bool = False,
     ) -> NLA:
         """Load a bundle folder (registry names and other layouts: see :mod:`nla.interop`)."""
-        from safetensors.torch import load_file
-
-        from nla.models.loading import (
-            load_model,
-            load_tokenizer,
-            parse_dtype,
-            pick_device,
-            resolve_model_path,
-        )
-
         root = Path(path)
         meta_path = root / META_NAME
-        if not meta_path.exists():
-            from nla.interop import load_release
+        if meta_path.exists() and read_yaml(meta_path).get("kind") == BUNDLE_KIND:
+            return cls.from_parts(read_bundle(root, dtype=dtype, device=device, is_trainable=is_trainable))
+        # A registry name, a hub repo or another published layout (paper, nanoNLA, PEFT pair,
+        # universal): its loader in the table returns parts. The only import of nla.interop.
+        from nla.interop.registry import load_parts, nla_parts
 
-            return load_release(str(path), dtype=dtype, device=device)
-        data = read_yaml(meta_path)
-        if data.get("kind") != BUNDLE_KIND:
-            # Another published layout (paper, nanoNLA, PEFT pair, universal): its importer.
-            from nla.interop import load_release
+        _, parts = load_parts(str(path), dtype=dtype, device=device)
+        return cls.from_parts(nla_parts(parts))
 
-            return load_release(str(path), dtype=dtype, device=device)
-        meta = BundleMeta.from_dict(data, meta_path)
-        dev = pick_device(device)
-        torch_dtype = parse_dtype(dtype)
-        tokenizer = load_tokenizer(meta.base_model) if meta.av_format == "peft" or not (root / "av" / "tokenizer_config.json").exists() \
-            else load_tokenizer(str(root / "av"))
+    @classmethod
+    def from_parts(cls, parts: NLAParts) -> NLA:
+        """The NLA from a loader's parts, after the sidecar is checked against them.
+
+        Checked here, for every layout: the marker ids against the live tokenizer (§4), the
+        sidecar's width against the AV's and AR's, the head's shape. A single-role half
+        (``parts.role``) gives a :class:`SingleRoleNLA`.
+        """
+        from nla.models.layers import hidden_size
+
+        meta, tokenizer = parts.meta, parts.tokenizer
         apply_prompt_format(tokenizer, meta)
-        check_tokens(tokenizer, meta.tokens, meta.prompt_templates["av"], str(meta_path))
-        av_dir, ar_dir = root / "av", root / "ar"
-        for sub in (av_dir, ar_dir):
-            if not sub.is_dir():
-                raise NLAError(f"{root}: missing folder {sub.name}/")
-        if (av_dir / "adapter_config.json").exists():
-            from peft import PeftModel
-
-            base, _ = load_model(meta.base_model, dtype=torch_dtype, device=dev)
-            av_model = PeftModel.from_pretrained(base, str(av_dir), is_trainable=is_trainable)
+        if parts.role == "av":
+            check_tokens(tokenizer, meta.tokens, meta.prompt_templates["av"], parts.where, parts.field_names)
+            parts.av_model.to(parts.device).eval()
+            return SingleRoleNLA(meta, "av", tokenizer, av_model=parts.av_model)
+        if parts.role == "ar":
+            ar = _reconstructor(parts)
+            ar.to(parts.device).eval()
+            return SingleRoleNLA(meta, "ar", tokenizer, reconstructor=ar)
+        if parts.av_model is None or parts.trunk is None or parts.head is None:
+            raise NLAError(f"{parts.where}: an NLA needs an AV, an AR trunk and a value head")
+        check_tokens(tokenizer, meta.tokens, meta.prompt_templates["av"], parts.where, parts.field_names)
+        d_av, d_ar = hidden_size(parts.av_model.config), hidden_size(parts.trunk.config)
+        if d_av != meta.d_model or d_ar != meta.d_model:
+            raise NLAError(f"{parts.where}: field 'd_model' is {meta.d_model} but the AV has width {d_av} and the AR {d_ar}")
+        if tuple(parts.head.weight.shape) != (meta.d_model, meta.d_model):
+            raise NLAError(f"{parts.where}: value head has shape {list(parts.head.weight.shape)}, expected "
+                           f"[{meta.d_model}, {meta.d_model}]")
+        ar = _reconstructor(parts)
+        av_model = parts.av_model
+        if not getattr(av_model, "is_loaded_in_4bit", False):
+            av_model.to(parts.device)
+            ar.to(parts.device)
         else:
-            av_model, _ = load_model(str(av_dir), dtype=torch_dtype, device=dev)
-        if (ar_dir / "adapter_config.json").exists():
-            from peft import PeftModel
-
-            trunk = load_trunk(resolve_model_path(meta.base_model), meta.layer_index, torch_dtype)
-            trunk = PeftModel.from_pretrained(trunk, str(ar_dir), is_trainable=is_trainable)
-        else:
-            trunk = load_trunk(str(ar_dir), None, torch_dtype)
-        ar = Reconstructor(trunk, tokenizer, meta.prompt_templates["ar"])
-        ar.add_special_tokens = bool(meta.extra.get("ar_add_special_tokens", True))
-        head_file = ar_dir / VALUE_HEAD_FILE
-        if not head_file.exists():
-            raise NLAError(f"{ar_dir}: missing {VALUE_HEAD_FILE}")
-        # Re-applied after any adapter load: PEFT knows nothing of the value head.
-        head = load_file(str(head_file))
-        if "weight" not in head or tuple(head["weight"].shape) != (meta.d_model, meta.d_model):
-            raise NLAError(f"{head_file}: expected a 'weight' of shape [{meta.d_model}, {meta.d_model}]")
-        ar.value_head.weight.data.copy_(head["weight"].float())
-        if "bias" in head:
-            # Imported heads may carry a bias (published `linear_head.pt` layouts).
-            ar.value_head.bias = torch.nn.Parameter(head["bias"].float().clone())
-        ar.to(dev)
-        av_model.to(dev)
-        if not is_trainable:
+            # bitsandbytes placed the AV itself; the fp32 head follows it.
+            ar.value_head.to(next(av_model.parameters()).device)
+        if not parts.is_trainable:
             av_model.eval()
             ar.eval()
-        mean = load_file(str(root / MEAN_VECTOR_FILE))["mean"].float() if (root / MEAN_VECTOR_FILE).exists() else None
-        nla = cls(meta, av_model, ar, tokenizer, mean)
-        nla.share_frozen_base()
+        nla = cls(meta, av_model, ar, tokenizer, parts.mean_vector)
+        if parts.share_base:
+            nla.share_frozen_base()
         return nla
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -586,6 +473,98 @@ class NLA:
         return float(value) if isinstance(value, (int, float)) else None
 
 
+class SingleRoleNLA(NLA):
+    """An :class:`NLA` with one half: ``role`` is ``"av"`` (verbalize, explain) or ``"ar"`` (reconstruct).
+
+    A publisher may release only one role (or a user may have only one of the two repos): the
+    half that is there works exactly as in a pair; the other half's methods stop with one line
+    saying which folder to add (``--ar DIR``). Saved, it is a half bundle (``kind:
+    nla_single_role_bundle``: our sidecar plus ``role``, and only ``av/`` or ``ar/``), which
+    :mod:`nla.interop.single` reads back.
+    """
+
+    def __init__(self, meta: BundleMeta, role: str, tokenizer: Any, av_model: Any = None,
+                 reconstructor: Reconstructor | None = None):
+        if role not in ("av", "ar") or (av_model is None) == (reconstructor is None):
+            raise NLAError("a single-role NLA holds exactly one of an AV or an AR")
+        self.meta = meta
+        self.role = role
+        self.tokenizer = tokenizer
+        self.av_model = av_model
+        self.ar = reconstructor  # type: ignore[assignment]
+        self.mean_vector = None
+        self._base = None
+        self._shared = []
+        self.verbalizer = (Verbalizer(av_model, tokenizer, meta.tokens, meta.prompt_templates["av"], meta.injection,
+                                      meta.d_model) if av_model is not None else None)  # type: ignore[assignment]
+
+    @property
+    def device(self) -> torch.device:
+        module = self.av_model if self.av_model is not None else self.ar
+        return next(module.parameters()).device
+
+    def _missing(self, what: str) -> NLAError:
+        other = "ar" if self.role == "av" else "av"
+        source = (self.meta.extra.get("imported_from") or {}).get(self.role, "this folder")
+        hint = f"--ar DIR (ar=...) with {source}" if other == "ar" else f"the AV folder as SOURCE and {source} as --ar"
+        return NLAError(f"{what} needs the {other.upper()}, and this NLA is {self.role.upper()}-only; "
+                        f"import the pair: {hint}")
+
+    def share_frozen_base(self) -> int:
+        return 0
+
+    def verbalize(self, vectors: torch.Tensor, n: int = 1, **generate_kwargs: Any) -> list[list[Verbalization]]:
+        if self.verbalizer is None:
+            raise self._missing("verbalize")
+        return super().verbalize(vectors, n=n, **generate_kwargs)
+
+    def reconstruct(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        if self.ar is None:
+            raise self._missing("reconstruct")
+        return super().reconstruct(texts, batch_size=batch_size)
+
+    def round_trip(self, vectors: torch.Tensor, **generate_kwargs: Any) -> Any:
+        raise self._missing("round_trip")
+
+    def explain(self, text: str | list[dict[str, str]], positions: list[int] | None = None,
+                **generate_kwargs: Any) -> list[dict[str, Any]]:
+        """AV-only: the explanations of the base model's block-K states (no reconstruction)."""
+        if self.verbalizer is None:
+            raise self._missing("explain")
+        if not isinstance(text, str):
+            raise NLAError("explain on a single-role NLA takes plain text, not a chat transcript")
+        ids, states = self.base_states(text)
+        positions = list(range(len(ids))) if positions is None else positions
+        for p in positions:
+            if not -len(ids) <= p < len(ids):
+                raise NLAError(f"position {p} is out of range: the text has {len(ids)} tokens")
+        positions = [p % len(ids) for p in positions]
+        answers = [outs[0] for outs in self.verbalize(states[positions], n=1, **generate_kwargs)]
+        return [{"position": p, "token": self.tokenizer.decode([ids[p]]),
+                 "context": self.tokenizer.decode(ids[: p + 1], skip_special_tokens=True),
+                 "explanation": a.explanation, "raw": a.raw} for p, a in zip(positions, answers)]
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """A half bundle, written to ``path.tmp`` then swapped in (never half a folder)."""
+        root = Path(path)
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if self.av_model is not None:
+            getattr(self.av_model, "module", self.av_model).save_pretrained(tmp / "av")
+            self.tokenizer.save_pretrained(tmp / "av")
+        else:
+            assert self.ar is not None
+            trunk: Any = self.ar.trunk
+            trunk.save_pretrained(tmp / "ar")
+            self.tokenizer.save_pretrained(tmp / "ar")
+            save_value_head(self.ar.value_head, tmp / "ar")
+        data = self.meta.to_dict()
+        data.update(kind=SINGLE_ROLE_KIND, role=self.role)
+        write_yaml(tmp / META_NAME, data)
+        swap_in(tmp, root)
+
+
 def _dataset_stats(ds: Any, mean: torch.Tensor) -> dict[str, Any]:
     """What the bundle keeps of its dataset: where it was, its size, norm and B (docs/design.md §6).
 
@@ -602,6 +581,15 @@ def _dataset_stats(ds: Any, mean: torch.Tensor) -> dict[str, Any]:
         "baseline_b": float(metrics.baseline_variance(vecs, mean)) if len(vecs) else None,
         "baseline_rows": len(vecs),
     }
+
+
+def _reconstructor(parts: NLAParts) -> Reconstructor:
+    """The AR from a trunk and its head, reading its input as the sidecar records."""
+    ar = Reconstructor(parts.trunk, parts.tokenizer, parts.meta.prompt_templates["ar"])
+    ar.add_special_tokens = bool(parts.meta.extra.get("ar_add_special_tokens", True))
+    if parts.head is not None:
+        ar.value_head = parts.head
+    return ar
 
 
 def _unwrap(model: Any) -> Any:

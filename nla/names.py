@@ -27,6 +27,7 @@ DATASET_KIND = "nla_dataset"
 DATASET_SCHEMA_VERSION = 1
 BUNDLE_KIND = "nla_bundle"
 BUNDLE_SCHEMA_VERSION = 1
+SINGLE_ROLE_KIND = "nla_single_role_bundle"  # our bundle with one half (nla.bundle.SingleRoleNLA)
 EVAL_KIND = "nla_eval"
 EVAL_SCHEMA_VERSION = 1  # bump on any change to metrics.json that breaks a reader
 

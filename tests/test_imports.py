@@ -17,13 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent / "nla"
 
 # Cycles still open, each as the sorted set of modules in one strongly connected component,
 # with who is removing it. Shrink only: an entry that is no longer a cycle fails the test too.
-PENDING: dict[frozenset[str], str] = {
-    # NLA.from_pretrained hands other layouts to the loader table, and every importer builds an
-    # NLA (or a BundleMeta) itself. Issue 16 item 6: importers return parts, NLA builds itself.
-    frozenset({"nla.bundle", "nla.interop", "nla.interop.anicka", "nla.interop.common", "nla.interop.nanonla",
-               "nla.interop.paper", "nla.interop.registry", "nla.interop.single", "nla.interop.solshine",
-               "nla.interop.universal", "nla.universal.bundle"}): "issue 16 item 6 (loader table returning parts)",
-}
+PENDING: dict[frozenset[str], str] = {}
 
 
 def module_name(path: Path, root: Path = ROOT) -> tuple[str, bool]:

@@ -209,7 +209,7 @@ def test_half_without_partner_says_how_to_pass_it(tmp_path: Path) -> None:
 def test_single_role_folders_still_verbalize_or_reconstruct(tmp_path: Path) -> None:
     """An AV-only or AR-only release: the half that is there works exactly as in the pair, and
     a half bundle written from it reads back."""
-    from nla.interop.single import SingleRoleNLA
+    from nla.bundle import SingleRoleNLA
 
     av_dir, ar_dir = write_pair(tmp_path / "pair")
     pair = import_layout(av_dir)

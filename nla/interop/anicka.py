@@ -28,7 +28,6 @@ their ``live_nla_compare.py``: ``round(100 * (L + 0.5) / n_layers)``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -38,7 +37,6 @@ from nla.interop.common import (
     adapter_base,
     adapter_scaling,
     adapter_tensors,
-    assemble,
     check_equal,
     find_partner,
     is_adapter_dir,
@@ -56,6 +54,7 @@ from nla.meta import META_NAME
 from nla.models.injection import MarkerTokens
 from nla.models.reconstructor import identity_head
 from nla.models.verbalizer import InjectionSettings
+from nla.parts import BundleMeta, NLAParts
 
 INJECTION_SCALE = 150.0  # nla_lib.INJECTION_SCALE: every published adapter normalises to it
 AR_HEADS = ("ar_head.safetensors", "ar_head.pt")
@@ -125,9 +124,8 @@ def resolve_pair(path: Path, ar: Path | None) -> tuple[Path, Path]:
 
 def load(path: str | Path, *, ar: str | Path | None = None, depth_pct: int | None = None,
          base_model: str | None = None, load_in_4bit: bool = False, dtype: str | torch.dtype = "float32",
-         device: str | None = None) -> Any:
-    """An :class:`NLA` from an anicka AV adapter and its AR (by name, ``--ar``, or ``av/``+``ar/``)."""
-    from nla.bundle import BundleMeta
+         device: str | None = None) -> NLAParts:
+    """The parts of an anicka AV adapter and its AR (by name, ``--ar``, or ``av/``+``ar/``)."""
     from nla.models.layers import hidden_size, num_layers
     from nla.models.loading import load_tokenizer, parse_dtype, pick_device
 
@@ -215,4 +213,4 @@ def load(path: str | Path, *, ar: str | Path | None = None, depth_pct: int | Non
                                  "depth_pct": depth},
                "av_chat_template": RAW_CHAT_TEMPLATE, "ar_add_special_tokens": specials},
     )
-    return assemble(meta, av_model, trunk, tokenizer, head, dev, str(where))
+    return NLAParts(meta, tokenizer, dev, str(where), av_model=av_model, trunk=trunk, head=head)

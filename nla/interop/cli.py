@@ -10,7 +10,7 @@ from typing import Any
 
 def cmd_import(args: Any) -> None:
     from nla.config import check_device, claim_bundle_folder
-    from nla.interop.registry import import_layout
+    from nla.interop.load import import_layout
 
     # The shared output guard, before anything is fetched or loaded: an import never deletes a
     # folder it did not write (a notes file, a dataset), and replaces a bundle only with --force.

@@ -259,55 +259,6 @@ def load_av(av_dir: Path, base: str | None, dtype: torch.dtype, device: torch.de
     return PeftModel.from_pretrained(model, str(av_dir), is_trainable=False).eval()
 
 
-def check_marker(tokenizer: Any, meta: Any, where: str, field_names: dict[str, str] | None = None) -> None:
-    """The sidecar's marker checked against the live tokenizer (docs/design.md §4), the error
-    naming the fields as the layout's own file spells them (``field_names``: ours → theirs)."""
-    from nla.bundle import check_tokens
-
-    try:
-        check_tokens(tokenizer, meta.tokens, meta.prompt_templates["av"], where)
-    except NLAError as exc:
-        message = str(exc)
-        for ours, theirs in (field_names or {}).items():
-            message = message.replace(f"'{ours}'", f"'{theirs}'")
-        raise NLAError(message) from None
-
-
-def assemble(meta: Any, av_model: Any, trunk: nn.Module, tokenizer: Any, head: nn.Linear,
-             device: torch.device, where: str, mean_vector: torch.Tensor | None = None,
-             field_names: dict[str, str] | None = None) -> Any:
-    """An :class:`NLA` from loaded parts, after the sidecar's marker is checked live.
-
-    ``field_names`` maps our token field names to the layout's, so an error names the field
-    as the user's own file spells it.
-    """
-    from nla.bundle import NLA, apply_prompt_format
-    from nla.models.layers import hidden_size
-    from nla.models.reconstructor import Reconstructor
-
-    apply_prompt_format(tokenizer, meta)
-    check_marker(tokenizer, meta, where, field_names)
-    d_av = hidden_size(av_model.config)
-    d_ar = hidden_size(trunk.config)  # type: ignore[arg-type]
-    if d_av != meta.d_model or d_ar != meta.d_model:
-        raise NLAError(f"{where}: field 'd_model' is {meta.d_model} but the AV has width {d_av} and the AR {d_ar}")
-    if tuple(head.weight.shape) != (meta.d_model, meta.d_model):
-        raise NLAError(f"{where}: value head has shape {list(head.weight.shape)}, expected "
-                       f"[{meta.d_model}, {meta.d_model}]")
-    ar = Reconstructor(trunk, tokenizer, meta.prompt_templates["ar"])
-    ar.add_special_tokens = bool(meta.extra.get("ar_add_special_tokens", True))
-    ar.value_head = head
-    quantized = getattr(av_model, "is_loaded_in_4bit", False)
-    if not quantized:
-        av_model.to(device)
-        ar.to(device)
-    else:
-        ar.value_head.to(next(av_model.parameters()).device)
-    av_model.eval()
-    ar.eval()
-    return NLA(meta, av_model, ar, tokenizer, mean_vector)
-
-
 # ---------------------------------------------------------------- pairing and adapters
 _ROLE_PART = re.compile(r"(?<=[-_])(av|ar)(?=$|[-_])")
 

@@ -43,7 +43,6 @@ import torch
 from nla.errors import NLAError
 from nla.interop.common import (
     PAPER_TOKEN_FIELDS,
-    assemble,
     check_equal,
     check_width,
     config_layers,
@@ -63,6 +62,7 @@ from nla.meta import META_NAME, require
 from nla.models.injection import MarkerTokens
 from nla.models.verbalizer import InjectionSettings
 from nla.names import DATASET_KIND, VALUE_HEAD_FILE
+from nla.parts import BundleMeta, NLAParts
 
 KIND = DATASET_KIND
 AR_LORA = "ar_lora_value_head.safetensors"
@@ -112,14 +112,12 @@ def _template(data: dict[str, Any], where: Path, ours: str, theirs: str) -> str:
 
 def read_meta(av_dir: Path, ar_dir: Path, *, injection: str | None, base_model: str | None = None,
               inject_layer: int | None = None, inject_coef: float | None = None,
-              injection_scale: float | str | None = None, ar_only: bool = False) -> Any:
+              injection_scale: float | str | None = None, ar_only: bool = False) -> BundleMeta:
     """Both halves' sidecars (copies of one dataset sidecar) as our :class:`BundleMeta`.
 
     ``ar_only``: an AR with no AV (both arguments are the AR folder); the injection, which
     only the AV uses, is then not needed.
     """
-    from nla.bundle import BundleMeta
-
     av_where, ar_where = av_dir / META_NAME, ar_dir / META_NAME
     av, ar = sidecar(av_dir), sidecar(ar_dir)
     for data, where in ((av, av_where), (ar, ar_where)):
@@ -238,8 +236,8 @@ def load_ar(ar_dir: Path, base: str, layer: int, d_model: int, dtype: torch.dtyp
 def load(path: str | Path, *, ar: str | Path | None = None, injection: str | None = None,
          base_model: str | None = None, inject_layer: int | None = None, inject_coef: float | None = None,
          injection_scale: float | str | None = None, dtype: str | torch.dtype = "float32",
-         device: str | None = None) -> Any:
-    """An :class:`NLA` from a nanoNLA pair (either half, or a folder with ``av/`` and ``ar/``)."""
+         device: str | None = None) -> NLAParts:
+    """The parts of a nanoNLA pair (either half, or a folder with ``av/`` and ``ar/``)."""
     from nla.models.loading import load_tokenizer, parse_dtype, pick_device
 
     av_dir, ar_dir = resolve_pair(Path(path), Path(ar) if ar is not None else None)
@@ -247,8 +245,6 @@ def load(path: str | Path, *, ar: str | Path | None = None, injection: str | Non
     if ar_dir is None:
         assert av_dir is not None
         # An AV with no AR: it still verbalizes (the injection must still be given).
-        from nla.interop.single import build
-
         meta = read_meta(av_dir, av_dir, injection=injection, base_model=base_model, inject_layer=inject_layer,
                          inject_coef=inject_coef, injection_scale=injection_scale)
         meta.extra["single_role"] = "av"
@@ -258,17 +254,16 @@ def load(path: str | Path, *, ar: str | Path | None = None, injection: str | Non
             from nla.models.layers import num_layers
 
             meta.n_layers = num_layers(model.config)
-        return build(meta, "av", tokenizer, model, None, dev, str(av_dir / META_NAME), PAPER_TOKEN_FIELDS)
+        return NLAParts(meta, tokenizer, dev, str(av_dir / META_NAME), av_model=model, field_names=PAPER_TOKEN_FIELDS,
+                        role="av")
     if av_dir is None:
-        from nla.interop.single import build
-
         meta = read_meta(ar_dir, ar_dir, injection=injection, base_model=base_model, ar_only=True)
         meta.extra["single_role"] = "ar"
         trunk, head, keep_norm = load_ar(ar_dir, meta.base_model, meta.layer_index, meta.d_model, torch_dtype)
         if keep_norm:
             meta.extra["ar_final_norm"] = True
         tok_src = str(ar_dir) if (ar_dir / "tokenizer_config.json").exists() else meta.base_model
-        return build(meta, "ar", load_tokenizer(tok_src), trunk, head, dev, str(ar_dir / META_NAME))
+        return NLAParts(meta, load_tokenizer(tok_src), dev, str(ar_dir / META_NAME), trunk=trunk, head=head, role="ar")
     meta = read_meta(av_dir, ar_dir, injection=injection, base_model=base_model, inject_layer=inject_layer,
                      inject_coef=inject_coef, injection_scale=injection_scale)
     if (av_dir / "config.json").exists():
@@ -285,5 +280,5 @@ def load(path: str | Path, *, ar: str | Path | None = None, injection: str | Non
         # Reproduced here, but our bundle stores AR trunks without a final norm: import_layout
         # refuses to write such an NLA rather than save one that reloads differently.
         meta.extra["ar_final_norm"] = True
-    return assemble(meta, av_model, trunk, tokenizer, head, dev, str(av_dir / META_NAME),
+    return NLAParts(meta, tokenizer, dev, str(av_dir / META_NAME), av_model=av_model, trunk=trunk, head=head,
                     field_names=PAPER_TOKEN_FIELDS)

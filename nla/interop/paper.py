@@ -38,7 +38,6 @@ import torch
 from nla.errors import NLAError
 from nla.interop.common import (
     PAPER_TOKEN_FIELDS,
-    assemble,
     check_equal,
     check_width,
     config_layers,
@@ -52,6 +51,7 @@ from nla.interop.common import (
 from nla.meta import META_NAME, require
 from nla.models.injection import MarkerTokens
 from nla.models.verbalizer import InjectionSettings
+from nla.parts import BundleMeta, NLAParts
 
 KIND = "nla_model"
 SCHEMA_VERSIONS = (1, 2)
@@ -138,10 +138,8 @@ def _check_header(data: dict[str, Any], where: Path) -> None:
 
 
 def read_meta(av_dir: Path, ar_dir: Path, base_model: str | None = None,
-              injection_scale: float | str | None = None) -> tuple[Any, list[int] | None]:
+              injection_scale: float | str | None = None) -> tuple[BundleMeta, list[int] | None]:
     """The pair's two sidecars merged into our :class:`BundleMeta` (every conflict named)."""
-    from nla.bundle import BundleMeta
-
     av_where, ar_where = av_dir / META_NAME, ar_dir / META_NAME
     av, ar = sidecar(av_dir), sidecar(ar_dir)
     _check_header(av, av_where)
@@ -220,10 +218,8 @@ def read_meta(av_dir: Path, ar_dir: Path, base_model: str | None = None,
 
 
 def read_half_meta(folder: Path, role: str, base_model: str | None = None,
-                   injection_scale: float | str | None = None) -> tuple[Any, list[int] | None]:
+                   injection_scale: float | str | None = None) -> tuple[BundleMeta, list[int] | None]:
     """One half's sidecar as our :class:`BundleMeta` (the other half's fields left empty)."""
-    from nla.bundle import BundleMeta
-
     where = folder / META_NAME
     data = sidecar(folder)
     _check_header(data, where)
@@ -290,8 +286,8 @@ def _check_suffix(tokenizer: Any, ar_template: str, suffix: list[int] | None, wh
 
 def load(path: str | Path, *, ar: str | Path | None = None, base_model: str | None = None,
          injection_scale: float | str | None = None, dtype: str | torch.dtype = "float32",
-         device: str | None = None) -> Any:
-    """An :class:`NLA` from a paper checkpoint pair (either half, or a folder holding both)."""
+         device: str | None = None) -> NLAParts:
+    """The parts of a paper checkpoint pair (either half, or a folder holding both)."""
     from nla.models.loading import load_model, load_tokenizer, parse_dtype, pick_device
     from nla.models.reconstructor import load_trunk
 
@@ -299,23 +295,23 @@ def load(path: str | Path, *, ar: str | Path | None = None, base_model: str | No
     torch_dtype, dev = parse_dtype(dtype), pick_device(device)
     if av_dir is None or ar_dir is None:
         # One role published (or at hand): it still verbalizes or reconstructs on its own.
-        from nla.interop.single import build
-
         role, folder = ("av", av_dir) if ar_dir is None else ("ar", ar_dir)
         assert folder is not None
         meta, suffix = read_half_meta(folder, role, base_model, injection_scale)
         tokenizer = load_tokenizer(str(folder))
         if role == "av":
             model, _ = load_model(str(folder), dtype=torch_dtype, device=dev)
-            return build(meta, "av", tokenizer, model, None, dev, str(folder / META_NAME), PAPER_TOKEN_FIELDS)
+            return NLAParts(meta, tokenizer, dev, str(folder / META_NAME), av_model=model,
+                            field_names=PAPER_TOKEN_FIELDS, role="av")
         _check_suffix(tokenizer, meta.prompt_templates["ar"], suffix, folder / META_NAME)
         head = load_linear(find_head_file(folder, "value_head.safetensors"), meta.d_model, meta.d_model)
-        return build(meta, "ar", tokenizer, load_trunk(str(folder), None, torch_dtype), head, dev,
-                     str(folder / META_NAME))
+        return NLAParts(meta, tokenizer, dev, str(folder / META_NAME),
+                        trunk=load_trunk(str(folder), None, torch_dtype), head=head, role="ar")
     meta, suffix = read_meta(av_dir, ar_dir, base_model, injection_scale)
     tokenizer = load_tokenizer(str(av_dir))
     _check_suffix(tokenizer, meta.prompt_templates["ar"], suffix, ar_dir / META_NAME)
     av_model, _ = load_model(str(av_dir), dtype=torch_dtype, device=dev)
     trunk = load_trunk(str(ar_dir), None, torch_dtype)
     head = load_linear(find_head_file(ar_dir, "value_head.safetensors"), meta.d_model, meta.d_model)
-    return assemble(meta, av_model, trunk, tokenizer, head, dev, str(av_dir / META_NAME), field_names=PAPER_TOKEN_FIELDS)
+    return NLAParts(meta, tokenizer, dev, str(av_dir / META_NAME), av_model=av_model, trunk=trunk, head=head,
+                    field_names=PAPER_TOKEN_FIELDS)

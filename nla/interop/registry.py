@@ -1,8 +1,10 @@
 """Released NLAs by name (``nla/releases.yaml``), layout detection, and hub fetching.
 
-``load_release(x)`` accepts a registry name, a local folder of any known layout, or a hub repo
-id; every route ends in one loader of :data:`LOADERS`, a flat table from layout name to
-function (like SAELens' loaders). Facts a layout's files do not record (nanoNLA's additive
+:func:`load_parts` accepts a registry name, a local folder of any known layout, or a hub repo
+id; every route ends in one loader of :data:`LOADERS`, a flat table from layout name to a
+function returning parts (like SAELens' loaders). The objects are built from the parts by
+``NLA.from_parts`` (:mod:`nla.bundle`, which imports this module, never the reverse) and by
+:mod:`nla.interop.load`. Facts a layout's files do not record (nanoNLA's additive
 injection, Solshine's AR read-out block, anicka's training depth) come from the registry
 entry's ``options`` or from explicit flags, never from a guess.
 
@@ -25,38 +27,31 @@ from nla.errors import NLAError
 from nla.interop import anicka, nanonla, paper, single, solshine, universal
 from nla.interop.common import first_line, is_adapter_dir, partner_candidates
 from nla.meta import META_NAME, read_yaml
+from nla.parts import NLAParts, UniversalParts, read_bundle
+from nla.universal.maps import read_universal
 
 REGISTRY_FILE = Path(__file__).resolve().parent.parent / "releases.yaml"
 PAIRED = ("paper", "nanonla", "solshine", "anicka")
 
 
-def _load_bundle(path: Path, *, dtype: str | torch.dtype = "float32", device: str | None = None) -> Any:
-    from nla.bundle import NLA
-
-    # A universal bundle is our bundle plus adapters/ and extra.universal: loaded as a plain
+def _load_bundle(path: Path, *, dtype: str | torch.dtype = "float32", device: str | None = None
+                 ) -> NLAParts | UniversalParts:
+    # A universal bundle is our bundle plus adapters/ and extra.universal: read as a plain
     # NLA it would be written back without its per-model maps.
     if (read_yaml(path / META_NAME).get("extra") or {}).get("universal"):
-        from nla.universal.bundle import UniversalNLA
-
-        return UniversalNLA.from_pretrained(path, dtype=dtype, device=device)
-    return NLA.from_pretrained(path, dtype=dtype, device=device)
+        return read_universal(path, dtype=dtype, device=device)
+    return read_bundle(path, dtype=dtype, device=device)
 
 
-def _load_universal(path: Path, *, base_model: str | None = None, layer: int | None = None,
-                    dtype: str | torch.dtype = "float32", device: str | None = None) -> Any:
-    """AlexWortega's layout: the importer returns parts, :class:`UniversalNLA` is built here."""
-    from nla.universal.bundle import UniversalNLA
-
-    return UniversalNLA.from_parts(universal.load(path, base_model=base_model, layer=layer, dtype=dtype, device=device))
-
-
-LOADERS: dict[str, Callable[..., Any]] = {
+# Layout name → loader returning parts; ``NLA.from_parts`` (or ``UniversalNLA.from_parts``)
+# builds the object, never the loader.
+LOADERS: dict[str, Callable[..., NLAParts | UniversalParts]] = {
     "bundle": _load_bundle,
     "paper": paper.load,
     "nanonla": nanonla.load,
     "solshine": solshine.load,
     "anicka": anicka.load,
-    "universal": _load_universal,
+    "universal": universal.load,
     "single": single.load,
 }
 LAYOUTS = tuple(LOADERS)
@@ -225,23 +220,11 @@ def locate(source: str | Path, ar: str | Path | None = None) -> tuple[Path, str,
     raise NLAError(f"{text!r} is not a folder, a known release ({names}) or a hub repo id (owner/name)")
 
 
-def load_release(source: str | Path, *, dtype: str | torch.dtype = "float32", device: str | None = None,
-                 **options: Any) -> Any:
-    """An :class:`NLA` from a release name, local folder or hub id, whatever its layout.
+def load_parts(source: str | Path, *, layout: str | None = None, dtype: str | torch.dtype = "float32",
+               device: str | None = None, **options: Any) -> tuple[Path, NLAParts | UniversalParts]:
+    """``(folder, parts)`` for a release name, local folder or hub id, by its layout's loader.
 
-    A universal NLA loads as its shared-trunk NLA here; use
-    :meth:`UniversalNLA.from_pretrained` for the per-model maps.
-    """
-    obj = import_layout(source, dtype=dtype, device=device, **options)
-    return getattr(obj, "nla", obj)
-
-
-def import_layout(source: str | Path, out: str | Path | None = None, *, layout: str | None = None,
-                  dtype: str | torch.dtype = "float32", device: str | None = None, **options: Any) -> Any:
-    """Load ``source`` with its layout's loader; with ``out``, also write our bundle there.
-
-    Returns an :class:`NLA` (a :class:`UniversalNLA` for universal NLAs). Options a layout
-    does not take are an error naming them, not silently dropped.
+    Options a layout does not take are an error naming them, not silently dropped.
     """
     if layout is not None and layout not in LOADERS:
         raise NLAError(f"unknown layout {layout!r}; choose one of {', '.join(LOADERS)}")
@@ -257,17 +240,12 @@ def import_layout(source: str | Path, out: str | Path | None = None, *, layout: 
         flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
         raise NLAError(f"{root}: {flags} does not apply to the {detected} layout (it takes "
                        f"{', '.join('--' + k.replace('_', '-') for k in sorted(accepted)) or 'no options'})")
-    obj = LOADERS[detected](root, dtype=dtype, device=device, **opts)
-    if out is not None:
-        if Path(out).resolve() == root.resolve():
-            raise NLAError(f"--out {out} is the source folder; write the bundle somewhere else")
-        nla = getattr(obj, "nla", obj)
-        if nla.meta.extra.get("ar_final_norm"):
-            raise NLAError(f"{root}: ar_meta.json has final_norm_stripped: false (an AR that reads after the "
-                           f"final norm), which our bundle cannot store; load it directly with "
-                           f"NLA.from_pretrained('{root}', injection=...) instead of writing a bundle")
-        obj.save_pretrained(out)
-    return obj
+    return root, LOADERS[detected](root, dtype=dtype, device=device, **opts)
+
+
+def nla_parts(parts: NLAParts | UniversalParts) -> NLAParts:
+    """The parts of the NLA itself: a universal NLA's are its shared trunk's."""
+    return parts.trunk if isinstance(parts, UniversalParts) else parts
 
 
 def releases_table(entries: dict[str, Release]) -> str:

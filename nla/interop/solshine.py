@@ -45,7 +45,6 @@ from nla.interop.common import (
     adapter_base,
     adapter_scaling,
     adapter_tensors,
-    assemble,
     check_equal,
     find_partner,
     is_adapter_dir,
@@ -60,6 +59,7 @@ from nla.interop.common import (
 from nla.meta import META_NAME, require
 from nla.models.injection import MarkerTokens
 from nla.models.verbalizer import InjectionSettings
+from nla.parts import BundleMeta, NLAParts
 
 HEAD_FILE = "linear_head.pt"
 # The v0.0.1 release's templates, as its example script sends them (sidecars carry none).
@@ -117,9 +117,8 @@ def _marker(tokenizer: Any, data: dict[str, Any], where: Path) -> MarkerTokens:
 
 def load(path: str | Path, *, ar: str | Path | None = None, ar_layer: int | None = None,
          base_model: str | None = None, av_template: str | None = None, ar_template: str | None = None,
-         load_in_4bit: bool = False, dtype: str | torch.dtype = "float32", device: str | None = None) -> Any:
-    """An :class:`NLA` from Solshine's AV/AR repos (either one, the other found by name)."""
-    from nla.bundle import BundleMeta
+         load_in_4bit: bool = False, dtype: str | torch.dtype = "float32", device: str | None = None) -> NLAParts:
+    """The parts of Solshine's AV/AR repos (either one, the other found by name)."""
     from nla.models.layers import num_layers
     from nla.models.loading import load_tokenizer, parse_dtype, pick_device
 
@@ -174,5 +173,5 @@ def load(path: str | Path, *, ar: str | Path | None = None, ar_layer: int | None
         extra={"imported_from": {"layout": "solshine", "av": str(av_dir), "ar": str(ar_dir), "ar_layer": ar_layer},
                "av_chat_template": RAW_CHAT_TEMPLATE, "ar_add_special_tokens": True},
     )
-    return assemble(meta, av_model, trunk, tokenizer, head, dev, str(where),
+    return NLAParts(meta, tokenizer, dev, str(where), av_model=av_model, trunk=trunk, head=head,
                     field_names=PAPER_TOKEN_FIELDS)

@@ -31,16 +31,13 @@ encoded without special tokens, at the last token; ``dec_M`` maps it back to mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from nla.errors import NLAError
 from nla.interop.common import (
-    assemble,
     load_av,
     map_placeholders,
     resolve_scale,
@@ -48,6 +45,7 @@ from nla.interop.common import (
 )
 from nla.meta import META_NAME, require
 from nla.names import ADAPTERS_DIR as ADAPTERS
+from nla.parts import BundleMeta, NLAParts, UniversalParts
 
 KIND = "nla_model_universal"
 AR_KIND = "nla_ar_universal"
@@ -55,17 +53,6 @@ POOL_WEIGHTS = "adapters.safetensors"
 POOL_META = "meta.json"
 # train_ar_multi.py's CRITIC_TEMPLATE, used when a release ships no ar/nla_meta.yaml.
 CRITIC_TEMPLATE = "Summary of the following text: <text>{z}</text> <summary>"
-
-
-@dataclass
-class UniversalParts:
-    """What the importer loads: the trunk :class:`~nla.bundle.NLA`, the anchor tag, per-model
-    ``(enc, dec)`` maps and per-model notes."""
-
-    nla: Any
-    anchor: str
-    maps: dict[str, tuple[nn.Linear, nn.Linear]]
-    models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def read_pool(folder: Path, d_shared: int, where: Path) -> tuple[dict[str, tuple[nn.Linear, nn.Linear]], dict[str, int]]:
@@ -105,7 +92,6 @@ def load(path: str | Path, *, base_model: str | None = None, layer: int | None =
     (or ``UniversalNLA.from_pretrained``) makes the object."""
     import math
 
-    from nla.bundle import BundleMeta
     from nla.interop.common import (
         PAPER_TOKEN_FIELDS,
         adapter_scaling,
@@ -187,7 +173,7 @@ def load(path: str | Path, *, base_model: str | None = None, layer: int | None =
         av_format="peft", ar_format="full",
         extra={"imported_from": {"layout": "universal", "path": str(root)}, "ar_add_special_tokens": False},
     )
-    nla = assemble(meta, av_model, trunk, tokenizer, identity_head(d_shared), dev, str(where),
-                   field_names=PAPER_TOKEN_FIELDS)
+    trunk_parts = NLAParts(meta, tokenizer, dev, str(where), av_model=av_model, trunk=trunk,
+                           head=identity_head(d_shared), field_names=PAPER_TOKEN_FIELDS)
     models = {tag: {"d_model": d_m, "trained": tag in (data.get("training_tags") or [])} for tag, d_m in dims.items()}
-    return UniversalParts(nla, anchor, maps, models)
+    return UniversalParts(trunk_parts, anchor, maps, models)

@@ -2,8 +2,9 @@
 
 :class:`UniversalNLA` is our bundle (``kind: nla_bundle``) with ``extra.universal: {d_shared,
 anchor, tags, models}`` in its sidecar and ``adapters/<tag>/{enc,dec}.safetensors`` beside it.
-``from_pretrained`` also opens AlexWortega's published layout through its importer
-(:mod:`nla.interop.universal`), which returns parts and never builds this class itself.
+``from_pretrained`` reads our bundle through :func:`nla.universal.maps.read_universal` and
+AlexWortega's published layout through its importer (:mod:`nla.interop.universal`); both
+return parts and never build this class themselves.
 """
 
 from __future__ import annotations
@@ -16,35 +17,16 @@ from torch import nn
 
 from nla.bundle import NLA
 from nla.errors import NLAError
-from nla.interop.common import load_linear, sidecar
+from nla.interop.common import sidecar
 from nla.interop.universal import KIND as PUBLISHED_KIND
-from nla.interop.universal import UniversalParts
 from nla.interop.universal import load as load_published
-from nla.meta import META_NAME, require
 from nla.models.reconstructor import identity_head
 from nla.names import ADAPTERS_DIR as ADAPTERS
+from nla.parts import UniversalParts
+from nla.universal.maps import DEC_FILE, ENC_FILE, read_map, read_universal, save_map
 
-
-def save_map(layer: nn.Linear, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {"weight": layer.weight.detach().float().cpu().contiguous()}
-    if layer.bias is not None:
-        tensors["bias"] = layer.bias.detach().float().cpu().contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
-
-
-def read_map(path: Path) -> nn.Linear:
-    """A map whose shape comes from the file (its width is checked by the caller)."""
-    from safetensors.torch import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shape = f.get_slice("weight").get_shape()
-    except Exception as exc:
-        raise NLAError(f"{path}: cannot read a 'weight' tensor ({str(exc).splitlines()[0]})") from None
-    return load_linear(path, int(shape[1]), int(shape[0]))
+# read_map / save_map are re-exported for the universal stage (nla.universal.cli).
+__all__ = ["ADAPTERS", "UniversalNLA", "read_map", "save_map"]
 
 
 class UniversalNLA:
@@ -56,8 +38,9 @@ class UniversalNLA:
 
     @classmethod
     def from_parts(cls, parts: UniversalParts) -> UniversalNLA:
-        """The object from an importer's parts (:func:`nla.interop.universal.load`)."""
-        return cls(parts.nla, parts.anchor, parts.maps, parts.models)
+        """The object from a loader's parts (:func:`nla.interop.universal.load`,
+        :func:`nla.universal.maps.read_universal`): the trunk built by ``NLA.from_parts``."""
+        return cls(NLA.from_parts(parts.trunk), parts.anchor, parts.maps, parts.models)
 
     def __init__(self, nla: Any, anchor: str, maps: dict[str, tuple[nn.Linear, nn.Linear]],
                  models: dict[str, dict[str, Any]] | None = None):
@@ -132,40 +115,14 @@ class UniversalNLA:
                                             "models": self.models}
         self.nla.save_pretrained(root)
         for tag, (enc, dec) in self.maps.items():
-            save_map(enc, root / ADAPTERS / tag / "enc.safetensors")
-            save_map(dec, root / ADAPTERS / tag / "dec.safetensors")
+            save_map(enc, root / ADAPTERS / tag / ENC_FILE)
+            save_map(dec, root / ADAPTERS / tag / DEC_FILE)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: str | torch.dtype = "float32",
                         device: str | None = None) -> UniversalNLA:
         """Our universal bundle, or AlexWortega's published ``nla_model_universal`` layout."""
         root = Path(path)
-        data = sidecar(root)
-        if data.get("kind") == PUBLISHED_KIND:
+        if sidecar(root).get("kind") == PUBLISHED_KIND:
             return cls.from_parts(load_published(root, dtype=dtype, device=device))
-        where = root / META_NAME
-        info = require(data, "extra.universal", where, dict)
-        nla = NLA.from_pretrained(root, dtype=dtype, device=device)
-        tags = require(data, "extra.universal.tags", where, list)
-        anchor = require(data, "extra.universal.anchor", where, str)
-        return cls(nla, anchor, read_maps(root, tags, anchor, nla.meta.d_model, where), info.get("models") or {})
-
-
-def read_maps(root: Path, tags: list[Any], anchor: str, d_shared: int, where: Path) -> dict[str, tuple[nn.Linear, nn.Linear]]:
-    maps: dict[str, tuple[nn.Linear, nn.Linear]] = {}
-    for tag in tags:
-        if not isinstance(tag, str):
-            raise NLAError(f"{where}: field 'tags' has invalid entry {tag!r}")
-        folder = root / ADAPTERS / tag
-        enc_file, dec_file = folder / "enc.safetensors", folder / "dec.safetensors"
-        if not enc_file.exists() and not dec_file.exists() and tag == anchor:
-            continue  # the anchor's space is the shared space
-        for f in (enc_file, dec_file):
-            if not f.exists():
-                raise NLAError(f"{where}: field 'tags' lists {tag!r} but {f.relative_to(root)} is missing")
-        enc, dec = read_map(enc_file), read_map(dec_file)
-        if enc.out_features != d_shared or dec.in_features != d_shared or enc.in_features != dec.out_features:
-            raise NLAError(f"{folder}: enc is {enc.in_features}→{enc.out_features}, dec {dec.in_features}→"
-                           f"{dec.out_features}; expected d_M→{d_shared} and {d_shared}→d_M (field 'd_shared')")
-        maps[tag] = (enc, dec)
-    return maps
+        return cls.from_parts(read_universal(root, dtype=dtype, device=device))
