@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 import types
 import typing
@@ -77,11 +78,13 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, ge: float | None 
 
 # One table of the constraints that every config shares by field name, so a field called `lr`
 # means "> 0" in every stage without each stage repeating it (and without a stage forgetting it).
-# A field's own opt(ge=..., ...) overrides its entry here.
+# A field's own opt(ge=..., ...) overrides its entry here. Fields that several stages share as a
+# group (device, dtype, seed, LoRA, sampling, corpus: nla/config_fields.py) carry their checks
+# on the group's field instead.
 _AT_LEAST_1 = {
-    "docs", "seq_len", "positions_per_doc", "batch_size", "grad_accum", "steps", "max_steps", "ar_max_steps",
+    "seq_len", "positions_per_doc", "batch_size", "grad_accum", "steps", "max_steps", "ar_max_steps",
     "max_new_tokens", "default_new_tokens", "group_size", "max_n", "concurrency", "max_tokens", "max_length",
-    "max_rows", "docs_per_shard", "lora_r", "lora_alpha", "updates_per_batch", "ar_steps", "rows", "dec_rows",
+    "max_rows", "updates_per_batch", "ar_steps", "rows", "dec_rows",
     "max_batch_rows", "max_body_bytes", "max_text_chars", "max_positions", "max_vectors", "max_texts", "log_every",
     "stop_after_steps",
 }
@@ -91,7 +94,7 @@ _AT_LEAST_0 = {
     "kl_coef", "max_grad_norm", "length_penalty", "temperature", "max_wait_ms", "ridge", "dec_ridge",
     "price_in", "price_out", "limit", "examples", "seed",
 }
-_FRACTIONS = {"warmup_ratio", "min_lr_ratio", "collapse_threshold", "vllm_gpu_memory_utilization"}
+_FRACTIONS = {"warmup_ratio", "min_lr_ratio", "collapse_threshold"}
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
@@ -107,14 +110,10 @@ def convention(name: str) -> Check | None:
         return Check(ge=0, le=1)
     if name == "lora_dropout":
         return Check(ge=0, lt=1)
-    if name == "top_p":
-        return Check(gt=0, le=1)
     if name == "n_candidates":
         return Check(ge=2)
     if name == "port":
         return Check(ge=0, le=65535)  # 0: any free port
-    if name == "dtype":
-        return Check(choices=DTYPE_CHOICES)
     return None
 
 
@@ -203,7 +202,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
     """
     hints = typing.get_type_hints(cls)
     parser.add_argument("--config", metavar="YAML", help="read settings from a YAML file (flags override it)")
-    for f in dataclasses.fields(cls):
+    # Inherited field groups (nla/config_fields.py) come first in a dataclass; --help lists the
+    # stage's own settings first, then the shared ones (a stable sort keeps each part's order).
+    own = set(inspect.get_annotations(cls))
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         if f.name in skip or f.metadata.get("cli") is False:
             continue
         tp, _ = _base_type(hints[f.name])

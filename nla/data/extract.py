@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nla.config import opt, save_config
+from nla.config_fields import CorpusFields, RuntimeFields
 from nla.data.corpus import Document, load_corpus
 from nla.data.sampling import assign_split, parse_split, sample_positions
 from nla.data.store import ActivationDataset, make_table, shard_name, write_table
@@ -29,23 +30,14 @@ from nla.models.readout import NEXT_TOKEN_IDS, NEXT_TOKEN_PROBS, BlockAndNextTok
 
 
 @dataclass
-class ExtractConfig:
+class ExtractConfig(CorpusFields, RuntimeFields):
     out: str = opt("", help="output dataset folder", required=True)
     model: str = opt("default", help="model: hub id, local path, 'default' (SmolLM2-135M), 'gemma3-270m' or 'tiny:<arch>'")
     layer: int | None = opt(None, help="layer K = output of decoder block K (0-based) = hidden_states[K+1]; default (2*n_layers)//3")
-    corpus: str = opt("builtin", help="'builtin', a text/JSONL/Parquet file, a folder of .txt files, or hf:NAME[:CONFIG[:SPLIT]] (streamed)")
-    text_column: str = opt("text", help="text column of JSONL/Parquet/HF corpora")
-    id_column: str = opt("id", help="document id column of JSONL/Parquet/HF corpora (row number if absent)")
-    docs: int | None = opt(None, help="use only the first N documents")
-    positions_per_doc: int = opt(5, help="positions sampled per document")
+    positions_per_doc: int = opt(5, help="positions sampled per document (their RNG is keyed by --seed and the document)")
     min_position: int = opt(50, help="never sample a token before this index")
     seq_len: int = opt(512, help="truncate documents to this many tokens")
     batch_size: int = opt(8, help="documents per forward pass")
-    seed: int = opt(0, help="seed for position sampling and the split (keyed per document)")
-    dtype: str = opt("float32", help="model dtype (vectors are always stored in fp32)")
-    device: str = opt("auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    split: str = opt("av_sft=0.4,ar_sft=0.3,rl=0.2,eval=0.1", help="document-level split fractions")
-    docs_per_shard: int = opt(256, help="documents per Parquet shard (the unit of resume)")
     next_tokens: int = opt(0, help="also store the model's top-N next-token ids and probabilities per row "
                            "(runs the blocks after K; the lens teacher then needs no forward pass of its own)")
 

@@ -41,12 +41,19 @@ from tqdm.auto import tqdm
 
 from nla import metrics
 from nla.config import opt
+from nla.config_fields import (
+    AnswerFields,
+    BackendFields,
+    LoggingFields,
+    RuntimeFields,
+    SamplingFields,
+    override,
+)
 from nla.data.store import SPLITS, VECTOR_COLUMN, ActivationDataset, arrow_to_vectors
 from nla.errors import NLAError
 from nla.eval import baselines, probes
 from nla.models.loading import check_4bit_available, load_in_4bit
 from nla.names import EVAL_KIND, EVAL_SCHEMA_VERSION
-from nla.train.generation import BACKENDS, GENERATION_BACKEND_HELP, VLLM_MEMORY_HELP
 
 SCHEMA_VERSION = EVAL_SCHEMA_VERSION
 KIND = EVAL_KIND
@@ -57,20 +64,19 @@ MAX_CLAIMS = 8
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(SamplingFields, BackendFields, RuntimeFields, LoggingFields):
     nla: str = opt("", help="NLA bundle folder")
     data: str = opt("", help="activation dataset folder (or single .parquet file) to evaluate on")
     out: str = opt("", help="report folder: metrics.json, samples.jsonl, index.html, plots/")
     split: str = opt("eval", help="split to evaluate (av_sft, ar_sft, rl, eval)")
     max_rows: int | None = opt(None, help="evaluate at most N rows of the split (a seeded sample; default: all)")
     n_candidates: int = opt(16, help="top-1 retrieval: the true vector among N candidates (chance = 1/N)")
-    best_of: int = opt(4, help="best-of-k: k sampled explanations per vector, the best reconstruction counts (0: skip)")
-    temperature: float = opt(1.0, help="sampling temperature for best-of-k")
-    top_p: float = opt(1.0, help="nucleus sampling for best-of-k")
-    max_new_tokens: int = opt(96, help="most tokens the AV writes per explanation")
+    best_of: int = opt(4, help="best-of-k: k sampled explanations per vector (--temperature, --top-p), the best "
+                       "reconstruction counts (0: skip)")
+    # Longer than RL's answers: eval reads the AV's whole explanation, not a rollout.
+    max_new_tokens: int = override(AnswerFields, "max_new_tokens", 96)
     batch_size: int = opt(32, help="sequences per AV generation batch and texts per AR batch")
     bootstrap: int = opt(1000, help="bootstrap resamples for the 95%% intervals of headline metrics (0: none)")
-    seed: int = opt(0, help="seed for row sampling, retrieval candidates, shuffles and sampling")
     probes: bool = opt(True, help="run the faithfulness probes (paraphrase, claim ablation, word shuffle)")
     causal: bool = opt(True, help="causal faithfulness: patch each reconstruction into the base model at layer K and "
                        "measure the KL to the clean next-token distribution against mean ablation (--no-causal: skip)")
@@ -80,16 +86,8 @@ class EvalConfig:
     judge_rows: int = opt(64, help="rows sent to the LLM judge")
     category_columns: list[str] = opt([], help="extra dataset columns to break down by (default: every extra column with at most 50 values)")
     html_samples: int = opt(500, help="most samples shown in index.html (samples.jsonl has all)")
-    device: str = opt("auto", help="cpu, cuda, ... (auto: cuda when available)")
-    dtype: str = opt("float32", help="model dtype")
     load_in_4bit: bool = opt(False, help="load the base weights in 4-bit NF4 (CUDA + bitsandbytes), as `train sft|rl "
                              "--load-in-4bit`; adapters then stay unmerged")
-    generation_backend: str = opt("transformers", help=GENERATION_BACKEND_HELP, choices=BACKENDS)
-    vllm_gpu_memory_utilization: float = opt(0.3, help=VLLM_MEMORY_HELP)
-    progress: bool = opt(True, help="show progress bars")
-    tensorboard: bool = opt(False, help="also log the headline numbers to TensorBoard (OUT/tensorboard) if installed")
-    wandb: bool = opt(False, help="also log them to Weights & Biases if installed (key from WANDB_API_KEY)")
-    wandb_project: str = opt("nla", help="W&B project")
 
 
 @dataclass

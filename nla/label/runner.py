@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from nla.config import opt, save_config
+from nla.config_fields import ModelFields, ProgressFields
 from nla.data.store import (
     LABELS_KIND,
     LABELS_META,
@@ -63,7 +64,9 @@ from nla.models.readout import NEXT_TOKEN_IDS, NEXT_TOKEN_PROBS
 
 
 @dataclass
-class LabelConfig:
+class LabelConfig(ModelFields, ProgressFields):
+    """(``device`` and ``dtype`` are those of local teachers: hf, lens.)"""
+
     data: str = opt("", help="activation dataset folder or single .parquet file (or a labels table folder, to resume it)",
                     required=True)
     out: str | None = opt(None, help="labels table folder to write (default: DATA/labels/<teacher>, one table per teacher)")
@@ -81,8 +84,6 @@ class LabelConfig:
     max_tokens: int = opt(400, help="most tokens a teacher may write per answer")
     temperature: float = opt(0.7, help="teacher sampling temperature (0 = greedy)")
     batch_size: int = opt(16, help="rows per forward pass for local teachers (hf, lens)")
-    device: str = opt("auto", help="device for local teachers: cpu, cuda, ... (auto: cuda when available)")
-    dtype: str = opt("float32", help="dtype for local teachers")
     torch_threads: int | None = opt(None, help="CPU threads for local teachers (default: torch's choice; 1 is often fastest on a busy machine)")
     cache: str | None = opt(None, help="SQLite answer cache (default: DATA/label_cache.sqlite)")
     retry_failed: bool = opt(False, help="ask again for contexts whose cached answer was malformed")
@@ -90,7 +91,6 @@ class LabelConfig:
     price_out: float | None = opt(None, help="USD per million output tokens, for the cost estimate")
     allow_partial: bool = opt(False, help="exit 0 even when some rows could not be labelled (they stay empty; "
                                           "a re-run retries them)")
-    progress: bool = opt(True, help="show a progress bar")
 
 
 # USD per million (input, output) tokens; an estimate only, prices change.

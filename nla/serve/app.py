@@ -45,13 +45,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nla import metrics
 from nla.config import opt
+from nla.config_fields import BackendFields, ModelFields
 from nla.errors import NLAError
 from nla.serve.batching import MicroBatcher, ModelThread
 from nla.train.generation import (
-    BACKENDS,
-    GENERATION_BACKEND_HELP,
     VLLM_MAX_TEMPERATURE,
-    VLLM_MEMORY_HELP,
     RolloutBackend,
     inference_backend,
 )
@@ -62,7 +60,7 @@ T = TypeVar("T")
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(ModelFields, BackendFields):
     """Settings of `nla serve` (each field is a command-line flag)."""
 
     nla: str = opt("", help="bundle folder to serve (RUN/ with nla_meta.yaml)", required=True)
@@ -86,10 +84,6 @@ class ServeConfig:
     timeout_s: float = opt(120.0, help="seconds a request may take before a 504")
     torch_threads: int = opt(0, help="torch intra-op threads for the model (0: torch's default, one per core; "
                                      "1 is often faster on a CPU shared with other work)")
-    device: str = opt("auto", help="cpu, cuda, ... (auto: cuda when available)")
-    dtype: str = opt("float32", help="dtype to load the bundle in")
-    generation_backend: str = opt("transformers", help=GENERATION_BACKEND_HELP, choices=BACKENDS)
-    vllm_gpu_memory_utilization: float = opt(0.3, help=VLLM_MEMORY_HELP)
     allowed_hosts: list[str] = opt([], help="Host header names the server answers besides the loopback names and "
                                            "--host ('*': any); others get a 400, which stops DNS-rebinding pages")
 

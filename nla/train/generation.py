@@ -28,15 +28,11 @@ from typing import Any
 
 import torch
 
+from nla.config_fields import BACKENDS  # the --generation-backend choices of train rl, eval, serve
 from nla.errors import NLAError
 from nla.models.injection import check_vectors
 from nla.models.prompts import parse_explanation
 from nla.models.verbalizer import Verbalization, Verbalizer
-
-BACKENDS = ("transformers", "vllm")
-# The flag's help, shared by `train rl`, `eval` and `serve` so the three read alike.
-GENERATION_BACKEND_HELP = "'transformers' (KV cache + injection hook) or 'vllm'"
-VLLM_MEMORY_HELP = "fraction of GPU memory vLLM may take"
 
 
 @dataclass

@@ -40,6 +40,15 @@ import torch
 
 from nla import metrics
 from nla.config import BUNDLE_ENTRIES, claim_output, config_to_dict, opt, save_config
+from nla.config_fields import (
+    AnswerFields,
+    BackendFields,
+    LoggingFields,
+    LoRAFields,
+    RuntimeFields,
+    SamplingFields,
+    override,
+)
 from nla.errors import NLAError
 from nla.models.injection import Injector
 from nla.models.loading import check_4bit_available, load_in_4bit
@@ -71,7 +80,7 @@ RL_RESUME_FREE = frozenset({"resume", "force", "progress", "device", "save_every
 
 
 @dataclass
-class RLConfig:
+class RLConfig(SamplingFields, BackendFields, LoRAFields, RuntimeFields, LoggingFields):
     """Settings of ``nla train rl`` (each docstring-like help is the ``--help`` line)."""
 
     nla: str = opt("", help="warm-start bundle (e.g. the output of `nla train sft`)")
@@ -80,12 +89,10 @@ class RLConfig:
     steps: int = opt(100, help="optimizer steps (one batch of activations each)")
     batch_size: int = opt(8, help="activation vectors per step")
     group_size: int = opt(4, help="G: explanations sampled per vector (advantages are normalised within it)")
-    temperature: float = opt(1.0, help="sampling temperature (log-probs are scored at the same temperature)")
-    top_p: float = opt(1.0, help="nucleus sampling threshold")
-    max_new_tokens: int = opt(64, help="answer length limit; an answer cut off here gets the invalid reward")
-    generation_backend: str = opt("transformers", help="'transformers' (KV cache + injection hook) or 'vllm'")
+    # The group's field with RL's own help: here the cap also decides the reward.
+    max_new_tokens: int = override(AnswerFields, "max_new_tokens", 64,
+                                   help="answer length limit; an answer cut off here gets the invalid reward")
     gen_batch_size: int = opt(64, help="sequences per generate call (transformers backend)")
-    vllm_gpu_memory_utilization: float = opt(0.3, help="fraction of GPU memory vLLM may take")
     lr: float = opt(1e-5, help="AV learning rate")
     warmup_steps: int = opt(0, help="AV linear warm-up steps before cosine decay")
     kl_coef: float = opt(0.01, help="weight of the k3 KL penalty to the frozen warm-start AV")
@@ -99,9 +106,9 @@ class RLConfig:
     reward_weights: list[float] = opt([], help="one weight per reward (default: all 1)")
     length_penalty: float = opt(0.0, help="reward −this per answer token (0: off)")
     invalid_reward: float | None = opt(-2.0, help="reward of an unparseable or truncated answer (YAML null: no floor)")
+    # 0 is allowed here (full fine-tuning), unlike the shared LoRA rank.
     lora_r: int = opt(16, help="rank of the RL adapter on the AV (0: full fine-tuning with a frozen reference copy)",
                       ge=0)
-    lora_alpha: int = opt(32, help="LoRA alpha of the RL adapter")
     train_ar: bool = opt(True, help="keep training the AR on the fresh explanations")
     ar_lr: float = opt(1e-4, help="AR learning rate")
     ar_steps: int = opt(1, help="AR optimizer steps per batch")
@@ -113,14 +120,7 @@ class RLConfig:
     keep_checkpoints: int = opt(2, help="checkpoints kept")
     resume: bool = opt(False, help="continue from the last checkpoint in --out (the settings must match the run's)")
     force: bool = opt(False, help="start over in an --out that holds a run (or other files): replaces only RL's own files")
-    seed: int = opt(0, help="seed of data order and sampling")
-    device: str = opt("auto", help="cpu, cuda, mps, ... (auto: cuda when available)")
-    dtype: str = opt("float32", help="model dtype: float32 or bfloat16")
     load_in_4bit: bool = opt(False, help="QLoRA: load the AV and AR base weights in 4-bit NF4 (CUDA + bitsandbytes; LoRA only)")
-    progress: bool = opt(True, help="show a progress bar")
-    tensorboard: bool = opt(False, help="also log to TensorBoard (RUN/tensorboard) if installed")
-    wandb: bool = opt(False, help="also log to Weights & Biases if installed (key from WANDB_API_KEY)")
-    wandb_project: str = opt("nla", help="W&B project")
 
 
 # ---------------------------------------------------------------- data order

@@ -36,6 +36,7 @@ import torch
 
 from nla import metrics
 from nla.config import BUNDLE_ENTRIES, claim_output, config_to_dict, opt, validate
+from nla.config_fields import LoggingFields, LoRAFields, RuntimeFields
 from nla.errors import NLAError
 from nla.meta import read_yaml, write_yaml
 from nla.models.injection import check_vectors
@@ -61,14 +62,12 @@ SPLIT_OF = {"av": "av_sft", "ar": "ar_sft"}
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(LoRAFields, RuntimeFields, LoggingFields):
     data: str = opt("", help="activation dataset folder with explanations (`nla label` fills them)")
     out: str = opt("", help="run folder: final bundle, checkpoints/, metrics.jsonl, curves.png, train_config.yaml")
     nla: str | None = opt(None, help="start from this bundle (a previous run); default: a fresh bundle from --data's base model")
     model: str | None = opt(None, help="base model for a fresh bundle (default: the dataset's)")
     lora: bool = opt(True, help="train LoRA adapters (--no-lora: full fine-tuning)")
-    lora_r: int = opt(16, help="LoRA rank")
-    lora_alpha: int = opt(32, help="LoRA alpha")
     lora_dropout: float = opt(0.0, help="LoRA dropout")
     lora_target_modules: list[str] = opt([], help="module names to adapt (default: all linear layers)")
     use_rslora: bool = opt(False, help="rank-stabilised LoRA scaling (alpha / sqrt(r))")
@@ -77,7 +76,8 @@ class SFTConfig:
     inject_layer: int = opt(1, help="add mode: the block whose output the vector is added to")
     inject_coef: float = opt(1.0, help="add mode: h ← h + coef·‖h‖·v/‖v‖")
     load_in_4bit: bool = opt(False, help="QLoRA: load the base weights in 4-bit NF4 (CUDA + bitsandbytes; LoRA only)")
-    dtype: Literal["float32", "bfloat16"] = opt(
+    # Narrower than the shared dtype: mixed precision is bf16 autocast over fp32 weights or nothing.
+    dtype: Literal["float32", "bfloat16"] = opt(  # type: ignore[assignment]
         "float32", choices=("float32", "bfloat16"),
         help="float32, or bfloat16 (autocast, fp32 master weights; the AR value head stays fp32)")
     lr: float = opt(2e-4, help="AV learning rate")
@@ -107,15 +107,9 @@ class SFTConfig:
     save_every: int = opt(100, help="save a checkpoint (a complete bundle) every N steps (0: only at the end)")
     keep_checkpoints: int = opt(2, help="checkpoints kept per model")
     log_every: int = opt(1, help="write train metrics every N steps")
-    seed: int = opt(0, help="seed for data order and initialisation")
     resume: bool = opt(False, help="continue from the last checkpoint in --out (same data order)")
     force: bool = opt(False, help="start over in an --out that holds a run (or other files): replaces only SFT's own files")
     stop_after_steps: int | None = opt(None, help="stop after this many optimizer steps in this invocation (resume later)")
-    device: str = opt("auto", help="cpu, cuda, ... (auto: cuda when available; under accelerate: the process's device)")
-    progress: bool = opt(True, help="show a progress bar")
-    tensorboard: bool = opt(False, help="also log to TensorBoard (RUN/tensorboard) if installed")
-    wandb: bool = opt(False, help="also log to Weights & Biases if installed (key from WANDB_API_KEY)")
-    wandb_project: str = opt("nla", help="W&B project")
 
 
 # ---------------------------------------------------------------- data plan
@@ -395,8 +389,6 @@ def check_bundle_fits(nla: Any, cfg: SFTConfig, dataset: Any) -> None:
 def make_accelerator(cfg: SFTConfig) -> Any:
     from accelerate import Accelerator
 
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise NLAError(f"dtype: expected one of float32, bfloat16, got {cfg.dtype!r}")
     # accelerate keeps one state per process, fixed by the first Accelerator: a second run in
     # the same process (the Python API) with another precision or device would be refused.
     # Reset the per-run settings; keep the process group of a distributed launch.

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from nla.config import opt, save_config
+from nla.config_fields import AnswerFields, DeviceFields, RuntimeFields, SeedFields
 from nla.errors import NLAError
 from nla.meta import META_NAME, read_yaml, write_yaml
 from nla.models.reconstructor import identity_head
@@ -45,15 +46,21 @@ SOURCES = ("positions", "pooled")
 FIT_ENC_REPORT = "fit_enc.yaml"
 
 
+@dataclass
+class LstsqFields:
+    """least squares"""
+
+    driver: str = opt("gelsy", help="LAPACK driver: gelsy (rank-revealing QR), gelss (SVD) or gels (full rank only)")
+
+
 # ---------------------------------------------------------------- fit-enc
 @dataclass
-class FitEncConfig:
+class FitEncConfig(LstsqFields):
     data: str = opt("", help="universal extraction folder (`nla universal extract`)")
     model: str = opt("", help="tag of the model to map (its activations → the anchor's)")
     anchor: str | None = opt(None, help="target tag (default: the extraction's anchor)")
     source: str = opt("positions", help="paired rows: 'positions' (same text prefix) or 'pooled' (per-passage means)")
     ridge: float = opt(0.0, help="relative ridge λ (× mean per-dimension energy of the inputs); 0: plain least squares")
-    driver: str = opt("gelsy", help="LAPACK driver: gelsy (rank-revealing QR), gelss (SVD) or gels (full rank only)")
     out: str | None = opt(None, help="maps folder (default: DATA/adapters); writes <tag>/enc.safetensors + fit_enc.yaml")
 
 
@@ -153,17 +160,13 @@ def fit_dec(nla: Any, tag: str, enc: nn.Linear, native: torch.Tensor, *, ridge: 
 
 
 @dataclass
-class FitDecConfig:
+class FitDecConfig(LstsqFields, AnswerFields, DeviceFields, SeedFields):
     nla: str = opt("", help="universal bundle (from `nla universal train`); the map is written into it")
     data: str = opt("", help="universal extraction folder with the model's activations")
     model: str = opt("", help="tag of the model")
     rows: int = opt(256, help="training-split rows round-tripped through AV and AR to fit on")
     ridge: float = opt(1e-3, help="relative ridge λ (the AR's predictions are low-rank: a little ridge keeps dec sane)")
-    driver: str = opt("gelsy", help="LAPACK driver: gelsy, gelss or gels")
-    max_new_tokens: int = opt(64, help="longest AV explanation")
     batch_size: int = opt(32, help="sequences per generation / AR batch")
-    device: str = opt("auto", help="cpu, cuda, ... (auto: cuda when available)")
-    seed: int = opt(0, help="seed for the row subset")
 
 
 def register_maps(bundle: Path, tag: str, enc: nn.Linear, dec: nn.Linear, info: dict[str, Any]) -> None:
@@ -215,14 +218,12 @@ def _model_info(data: UniversalData, tag: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- eval
 @dataclass
-class UniversalEvalConfig:
+class UniversalEvalConfig(AnswerFields, DeviceFields):
     nla: str = opt("", help="universal bundle")
     data: str = opt("", help="universal extraction folder (each model's `eval` split is used)")
     models: list[str] = opt([], help="tags to evaluate (default: every bundle tag extracted in --data)")
     rows: int = opt(64, help="eval rows per model")
-    max_new_tokens: int = opt(64, help="longest AV explanation")
     batch_size: int = opt(32, help="sequences per generation / AR batch")
-    device: str = opt("auto", help="cpu, cuda, ... (auto: cuda when available)")
     out: str | None = opt(None, help="also write the table as JSON here")
 
 
@@ -287,7 +288,7 @@ def cmd_eval(cfg: UniversalEvalConfig) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- train
 @dataclass
-class UniversalTrainConfig:
+class UniversalTrainConfig(LstsqFields, AnswerFields, DeviceFields, SeedFields):
     data: str = opt("", help="universal extraction folder; at least one model's dataset labelled (`nla label`)")
     out: str = opt("", help="run folder: shared/ (the tagged dataset), sft/ (the SFT run), bundle/ (the result)")
     models: list[str] = opt([], help="tags to train on (default: the anchor and every tag with an enc map)")
@@ -297,11 +298,7 @@ class UniversalTrainConfig:
     lr: float | None = opt(None, help="SFT learning rate (overrides sft.lr)")
     batch_size: int | None = opt(None, help="SFT micro-batch (overrides sft.batch_size)")
     dec_rows: int = opt(256, help="training rows per model round-tripped to fit dec")
-    dec_ridge: float = opt(1e-3, help="relative ridge for dec")
-    driver: str = opt("gelsy", help="LAPACK driver for dec")
-    max_new_tokens: int = opt(64, help="longest AV explanation when fitting dec")
-    device: str = opt("auto", help="cpu, cuda, ... (auto: cuda when available)")
-    seed: int = opt(0, help="seed for SFT and the dec row subset")
+    dec_ridge: float = opt(1e-3, help="relative ridge for dec (its --driver and --max-new-tokens fit dec too)")
 
 
 def _explanations(data: UniversalData) -> dict[tuple[str, int], str]:
@@ -402,7 +399,7 @@ def train_universal(cfg: UniversalTrainConfig) -> Path:
 
 # ---------------------------------------------------------------- add-model
 @dataclass
-class AddModelConfig:
+class AddModelConfig(LstsqFields, AnswerFields, RuntimeFields):
     model: str = opt("", help="the new model: hub id, local path, 'gemma3-270m', 'tiny:<arch>', ...")
     tag: str | None = opt(None, help="its tag (default: derived from the spec, e.g. tiny:gpt2 → tiny-gpt2)")
     layer: int | None = opt(None, help="layer K = output of decoder block K (0-based) = hidden_states[K+1]; default (2*n_layers)//3")
@@ -411,14 +408,9 @@ class AddModelConfig:
     source: str = opt("positions", help="enc pairs: 'positions' or 'pooled'")
     ridge: float = opt(0.0, help="relative ridge for enc")
     dec_ridge: float = opt(1e-3, help="relative ridge for dec")
-    driver: str = opt("gelsy", help="LAPACK driver: gelsy, gelss or gels")
     dec_rows: int = opt(256, help="training rows round-tripped to fit dec")
     eval_rows: int = opt(64, help="eval rows")
-    max_new_tokens: int = opt(64, help="longest AV explanation")
     batch_size: int = opt(8, help="documents per extraction forward pass")
-    dtype: str = opt("float32", help="dtype of the new model for extraction")
-    device: str = opt("auto", help="cpu, cuda, ... (auto: cuda when available)")
-    seed: int = opt(0, help="seed for the dec row subset")
 
 
 def add_model(cfg: AddModelConfig) -> dict[str, Any]:

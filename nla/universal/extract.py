@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nla.config import opt, save_config
+from nla.config_fields import CorpusFields, RuntimeFields
 from nla.data.corpus import Document, load_corpus
 from nla.data.sampling import assign_split, parse_assignments, parse_split, sample_positions
 from nla.data.store import (
@@ -64,26 +65,17 @@ SHARED_SETTINGS = ("corpus", "text_column", "id_column", "docs", "positions_per_
 
 
 @dataclass
-class UniversalExtractConfig:
+class UniversalExtractConfig(CorpusFields, RuntimeFields):
     out: str = opt("", help="output folder (one activation dataset per model inside)")
     models: list[str] = opt([], help="models as TAG=SPEC or SPEC (hub id, path, 'default', 'gemma3-270m', "
                             "'tiny:<arch>'); the first is the anchor unless --anchor says otherwise")
     anchor: str | None = opt(None, help="tag of the anchor model (whose token ends choose the shared offsets)")
     layers: list[str] = opt([], help="TAG=K per model; layer K = output of decoder block K (0-based) = "
                             "hidden_states[K+1]; default (2*n_layers)//3 (the embedded models: their own)")
-    corpus: str = opt("builtin", help="'builtin', a text/JSONL/Parquet file, a folder of .txt files, or hf:NAME")
-    text_column: str = opt("text", help="text column of JSONL/Parquet/HF corpora")
-    id_column: str = opt("id", help="document id column of JSONL/Parquet/HF corpora")
-    docs: int | None = opt(None, help="use only the first N documents")
     positions_per_doc: int = opt(8, help="character offsets sampled per document (on the anchor's token ends)")
     min_position: int = opt(16, help="never sample an anchor token before this index")
     seq_len: int = opt(256, help="truncate documents to this many tokens (per model)")
     batch_size: int = opt(8, help="documents per forward pass")
-    seed: int = opt(0, help="seed for offset sampling and the document split")
-    dtype: str = opt("float32", help="model dtype (pooling and storage are always fp32)")
-    device: str = opt("auto", help="cpu, cuda, ... (auto: cuda when available)")
-    split: str = opt("av_sft=0.4,ar_sft=0.3,rl=0.2,eval=0.1", help="document-level split fractions")
-    docs_per_shard: int = opt(256, help="documents per shard (the unit of resume)")
 
 
 def default_tag(spec: str) -> str:
