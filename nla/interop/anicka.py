@@ -38,12 +38,13 @@ from nla.interop.common import (
     adapter_scaling,
     adapter_tensors,
     check_equal,
-    find_partner,
+    folder_tokenizer,
     is_adapter_dir,
     linear_from,
     load_av,
     map_placeholders,
     merged_trunk,
+    pair_folders,
     quantization_4bit,
     read_tensors,
     resolve_scale,
@@ -113,13 +114,8 @@ def is_av_dir(root: Path) -> bool:
 
 
 def resolve_pair(path: Path, ar: Path | None) -> tuple[Path, Path]:
-    if ar is not None:
-        return path, ar
-    if is_av_dir(path / "av") and is_ar_dir(path / "ar"):
-        return path / "av", path / "ar"
-    if is_av_dir(path):
-        return path, find_partner(path, "av", is_ar_dir, "anicka")
-    return find_partner(path, "ar", is_av_dir, "anicka"), path
+    # A lone folder is the AV when it carries the AV sidecar, else the AR.
+    return pair_folders(path, ar, is_av_dir, is_ar_dir, "anicka", known_by="av")
 
 
 def load(path: str | Path, *, ar: str | Path | None = None, depth_pct: int | None = None,
@@ -127,7 +123,7 @@ def load(path: str | Path, *, ar: str | Path | None = None, depth_pct: int | Non
          device: str | None = None) -> NLAParts:
     """The parts of an anicka AV adapter and its AR (by name, ``--ar``, or ``av/``+``ar/``)."""
     from nla.models.layers import hidden_size, num_layers
-    from nla.models.loading import load_tokenizer, parse_dtype, pick_device
+    from nla.models.loading import parse_dtype, pick_device
 
     av_dir, ar_dir = resolve_pair(Path(path), Path(ar) if ar is not None else None)
     where = av_dir / META_NAME
@@ -156,7 +152,7 @@ def load(path: str | Path, *, ar: str | Path | None = None, depth_pct: int | Non
     av_tmpl = map_placeholders(raw_av, {"injection_char": "marker"}, "marker", where, "prompt_templates.av")
 
     torch_dtype, dev = parse_dtype(dtype), pick_device(device)
-    tokenizer = load_tokenizer(str(av_dir) if (av_dir / "tokenizer_config.json").exists() else base)
+    tokenizer = folder_tokenizer(av_dir, base)
     live = tokenizer.encode(char, add_special_tokens=False)
     if len(live) != 1 or (marker_id is not None and live != [marker_id]):
         raise NLAError(f"{where}: field 'tokens.injection_token_id' is {marker_id} but the tokenizer encodes "

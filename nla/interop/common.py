@@ -234,6 +234,18 @@ def adapter_base(folder: Path) -> str | None:
     return str(base) if base else None
 
 
+def folder_tokenizer(folder: Path, base: str | None) -> Any:
+    """The tokenizer a folder ships (``tokenizer_config.json``), else the base model's: an
+    adapter folder often carries none, and its base's is the one it was trained with."""
+    from nla.models.loading import load_tokenizer
+
+    if (folder / "tokenizer_config.json").exists():
+        return load_tokenizer(str(folder))
+    if base is None:
+        raise NLAError(f"{folder}: no tokenizer files and no base model named")
+    return load_tokenizer(base)
+
+
 def load_causal_lm(spec: str, dtype: torch.dtype, device: torch.device, quant: Any = None) -> Any:
     from nla.models.loading import load_model, resolve_model_path
 
@@ -290,6 +302,21 @@ def find_partner(path: Path, role: str, accept: Callable[[Path], bool], what: st
     flag = "--ar DIR (ar=...)" if other == "ar" else "the AV folder as SOURCE and this one as --ar"
     raise NLAError(f"{path}: the {role.upper()} half of a {what} pair and no {other.upper()} folder found next to it "
                    f"by name; pass {flag}, or put both as av/ and ar/ in one folder")
+
+
+def pair_folders(path: Path, ar: Path | None, is_av: Callable[[Path], bool], is_ar: Callable[[Path], bool],
+                 what: str, known_by: str = "av") -> tuple[Path, Path]:
+    """``(av_dir, ar_dir)`` of a pair: ``ar`` given, a folder holding ``av/`` and ``ar/``, or one
+    half with its sibling found by name. ``known_by`` says whose test (``is_av`` or ``is_ar``)
+    decides which half a lone folder is, where a publisher's AV folder could pass the other."""
+    if ar is not None:
+        return path, ar
+    if is_av(path / "av") and is_ar(path / "ar"):
+        return path / "av", path / "ar"
+    lone_ar = is_ar(path) if known_by == "ar" else not is_av(path)
+    if lone_ar:
+        return find_partner(path, "ar", is_av, what), path
+    return path, find_partner(path, "av", is_ar, what)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

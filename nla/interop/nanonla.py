@@ -47,6 +47,7 @@ from nla.interop.common import (
     check_width,
     config_layers,
     find_partner,
+    folder_tokenizer,
     is_adapter_dir,
     linear_from,
     load_av,
@@ -238,7 +239,7 @@ def load(path: str | Path, *, ar: str | Path | None = None, injection: str | Non
          injection_scale: float | str | None = None, dtype: str | torch.dtype = "float32",
          device: str | None = None) -> NLAParts:
     """The parts of a nanoNLA pair (either half, or a folder with ``av/`` and ``ar/``)."""
-    from nla.models.loading import load_tokenizer, parse_dtype, pick_device
+    from nla.models.loading import parse_dtype, pick_device
 
     av_dir, ar_dir = resolve_pair(Path(path), Path(ar) if ar is not None else None)
     torch_dtype, dev = parse_dtype(dtype), pick_device(device)
@@ -248,7 +249,7 @@ def load(path: str | Path, *, ar: str | Path | None = None, injection: str | Non
         meta = read_meta(av_dir, av_dir, injection=injection, base_model=base_model, inject_layer=inject_layer,
                          inject_coef=inject_coef, injection_scale=injection_scale)
         meta.extra["single_role"] = "av"
-        tokenizer = load_tokenizer(str(av_dir) if (av_dir / "tokenizer_config.json").exists() else meta.base_model)
+        tokenizer = folder_tokenizer(av_dir, meta.base_model)
         model = load_av(av_dir, meta.base_model, torch_dtype, dev)
         if meta.n_layers < 0:
             from nla.models.layers import num_layers
@@ -262,14 +263,12 @@ def load(path: str | Path, *, ar: str | Path | None = None, injection: str | Non
         trunk, head, keep_norm = load_ar(ar_dir, meta.base_model, meta.layer_index, meta.d_model, torch_dtype)
         if keep_norm:
             meta.extra["ar_final_norm"] = True
-        tok_src = str(ar_dir) if (ar_dir / "tokenizer_config.json").exists() else meta.base_model
-        return NLAParts(meta, load_tokenizer(tok_src), dev, str(ar_dir / META_NAME), trunk=trunk, head=head, role="ar")
+        return NLAParts(meta, folder_tokenizer(ar_dir, meta.base_model), dev, str(ar_dir / META_NAME), trunk=trunk, head=head, role="ar")
     meta = read_meta(av_dir, ar_dir, injection=injection, base_model=base_model, inject_layer=inject_layer,
                      inject_coef=inject_coef, injection_scale=injection_scale)
     if (av_dir / "config.json").exists():
         check_width(meta.d_model, [av_dir], av_dir / META_NAME, "extraction.d_model")
-    tok_src = str(av_dir) if (av_dir / "tokenizer_config.json").exists() else meta.base_model
-    tokenizer = load_tokenizer(tok_src)
+    tokenizer = folder_tokenizer(av_dir, meta.base_model)
     av_model = load_av(av_dir, meta.base_model, torch_dtype, dev)
     if meta.n_layers < 0:
         from nla.models.layers import num_layers

@@ -46,12 +46,13 @@ from nla.interop.common import (
     adapter_scaling,
     adapter_tensors,
     check_equal,
-    find_partner,
+    folder_tokenizer,
     is_adapter_dir,
     load_av,
     load_linear,
     map_placeholders,
     merged_trunk,
+    pair_folders,
     quantization_4bit,
     resolve_scale,
     sidecar,
@@ -93,13 +94,8 @@ def is_av_dir(root: Path) -> bool:
 
 
 def resolve_pair(path: Path, ar: Path | None) -> tuple[Path, Path]:
-    if ar is not None:
-        return path, ar
-    if is_av_dir(path / "av") and is_ar_dir(path / "ar"):
-        return path / "av", path / "ar"
-    if is_ar_dir(path):
-        return find_partner(path, "ar", is_av_dir, "Solshine"), path
-    return path, find_partner(path, "av", is_ar_dir, "Solshine")
+    # A lone folder is the AR when it carries the head, else the AV.
+    return pair_folders(path, ar, is_av_dir, is_ar_dir, "Solshine", known_by="ar")
 
 
 def _marker(tokenizer: Any, data: dict[str, Any], where: Path) -> MarkerTokens:
@@ -120,7 +116,7 @@ def load(path: str | Path, *, ar: str | Path | None = None, ar_layer: int | None
          load_in_4bit: bool = False, dtype: str | torch.dtype = "float32", device: str | None = None) -> NLAParts:
     """The parts of Solshine's AV/AR repos (either one, the other found by name)."""
     from nla.models.layers import num_layers
-    from nla.models.loading import load_tokenizer, parse_dtype, pick_device
+    from nla.models.loading import parse_dtype, pick_device
 
     av_dir, ar_dir = resolve_pair(Path(path), Path(ar) if ar is not None else None)
     where = av_dir / META_NAME
@@ -151,7 +147,7 @@ def load(path: str | Path, *, ar: str | Path | None = None, ar_layer: int | None
     ar_tmpl = map_placeholders(raw_ar, {"explanation": "explanation"}, "explanation", where, "prompt_templates.critic")
 
     torch_dtype, dev = parse_dtype(dtype), pick_device(device)
-    tokenizer = load_tokenizer(str(av_dir) if (av_dir / "tokenizer_config.json").exists() else base)
+    tokenizer = folder_tokenizer(av_dir, base)
     tokens = _marker(tokenizer, data, where)
     quant = quantization_4bit() if load_in_4bit else None
     av_model = load_av(av_dir, base, torch_dtype, dev, quant)
