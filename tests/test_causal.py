@@ -205,3 +205,77 @@ def test_cached_prefix_equals_running_every_variant_whole(arch: str) -> None:
     naive = torch.stack([full(None)] + [full(d) for d in directions])
     torch.testing.assert_close(fast, naive, rtol=1e-4, atol=1e-4)
     assert clean_state.shape == (nla.meta.d_model,)
+
+
+def test_prefix_groups_chain_prefixes_only() -> None:
+    """Rows are grouped only where one's ``ids[:-1]`` is a prefix of the group's longest."""
+    from nla.eval.causal import prefix_groups
+
+    ids = [[1, 2, 3, 4], [1, 2], [9, 8, 7], [1, 2, 3, 4, 5, 6], [], [1, 5, 6], [9, 8, 6], [1, 2, 3, 9]]
+    groups = prefix_groups(ids)
+    assert sorted(i for g in groups for i in g) == [0, 1, 2, 3, 5, 6, 7]  # the empty row is left out
+    for g in groups:
+        longest = ids[g[-1]][:-1]
+        assert all(longest[: len(ids[i]) - 1] == ids[i][:-1] for i in g)
+    # [1, 2] (prefix []) goes with a [1, ...] row; [9, 8, 7] and [9, 8, 6] share ids[:-1] == [9, 8].
+    assert any(set(g) >= {2, 6} for g in groups)
+    assert len(groups) <= 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
+def test_shared_prefix_equals_per_row(arch: str) -> None:
+    """Rows of one document share one prefix forward (its KV cache cut to each row's length)
+    and give the per-row path's KL figures; rows of another document and a lone row still
+    work. gemma's hybrid sliding-window cache cannot be cut back, so it falls back to the
+    per-row path (its contexts run past the 16-token window). Cache cropping follows
+    transformers' ``DynamicCache.crop`` / ``batch_repeat_interleave``
+    (huggingface/transformers, ``src/transformers/cache_utils.py``)."""
+    from nla.eval.causal import croppable, prefix_cache
+
+    torch.manual_seed(0)
+    nla = NLA.initialize(f"tiny:{arch}", device="cpu")
+    docs = ["the parser reads the tokens and then builds a tree of nodes for every statement in the file",
+            "a for loop repeats a block of code once for each item in the list it walks over"]
+    contexts, vectors = [], []
+    for doc, positions in zip(docs, [(3, 9, 14, 20, -1), (6, -1)]):
+        ids, states = nla.base_states(doc)
+        for p in positions:
+            p %= len(ids)
+            contexts.append(nla.tokenizer.decode(ids[: p + 1], skip_special_tokens=True))
+            vectors.append(states[p])
+    contexts.append("import os")  # shares nothing with the others
+    vectors.append(nla.base_states("import os")[1][-1])
+    vecs = torch.stack(vectors).float()
+    recon = torch.randn(vecs.shape, generator=torch.Generator().manual_seed(3))
+    mean = vecs.mean(0)
+    shuffled = torch.roll(torch.arange(len(vecs)), 1)
+    texts = ["Python code. A tree. Tokens."] * len(vecs)
+
+    with base_lm(nla) as model:  # the model causal_faithfulness runs (loaded once, kept by nla)
+        pass
+    prefix_forwards: list[int] = []
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda _m, inp, _o: prefix_forwards.append(1) if inp[0].shape[1] > 1 else None)
+    try:
+        per_row, a = causal_faithfulness(nla, contexts, vecs, recon, mean, texts, shuffled=shuffled, share_prefix=False)
+        per_row_forwards, prefix_forwards[:] = len(prefix_forwards), []
+        grouped, b = causal_faithfulness(nla, contexts, vecs, recon, mean, texts, shuffled=shuffled)
+    finally:
+        handle.remove()
+    can_crop = croppable(prefix_cache(model, nla.tokenizer.encode(docs[0])))
+    assert can_crop == (arch != "gemma")
+    assert per_row_forwards == len(contexts)
+    # One prefix forward per document and one for the lone row where the cache can be cut.
+    assert len(prefix_forwards) == (3 if can_crop else len(contexts))
+    assert per_row["n"] == grouped["n"] >= len(contexts) - 1
+    for name in ("kl_recon", "kl_mean", "kl_true", "kl_shuffled"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert [v is None for v in x] == [v is None for v in y]
+        torch.testing.assert_close(torch.tensor([v for v in x if v is not None]),
+                                   torch.tensor([v for v in y if v is not None]), rtol=1e-5, atol=1e-6)
+    assert [len(d) for d in a.claim_delta_kl] == [len(d) for d in b.claim_delta_kl] == [3] * len(contexts)
+    torch.testing.assert_close(torch.tensor([d for ds in a.claim_delta_kl for d in ds if d is not None]),
+                               torch.tensor([d for ds in b.claim_delta_kl for d in ds if d is not None]),
+                               rtol=1e-5, atol=1e-6)
+    # A ratio of means: float rounding of the two forwards (1e-6 relative per KL) adds up.
+    assert grouped["fraction_recovered"] == pytest.approx(per_row["fraction_recovered"], rel=1e-4)

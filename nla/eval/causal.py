@@ -65,7 +65,44 @@ def _rescale(directions: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def patched_logprobs(model: Any, layer: int, ids: list[int], directions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prefix_cache(model: Any, ids: list[int]) -> Any:
+    """The key/value cache of one forward over ``ids`` (None for no tokens)."""
+    if not ids:
+        return None
+    dev = next(model.parameters()).device
+    return model(input_ids=torch.tensor([ids], device=dev), use_cache=True, **_last_logits_only(model)).past_key_values
+
+
+def croppable(cache: Any) -> bool:
+    """Whether ``cache`` can be cut back to its first tokens and give what a forward over only
+    those tokens gives. A sliding-window layer keeps only its last window of keys, so a cache
+    with any (Gemma-2/3's hybrid caches) is not, nor a cache without ``crop`` (transformers'
+    ``Cache.is_croppable`` where the installed version has it)."""
+    if cache is None or not hasattr(cache, "crop") or not hasattr(cache, "get_seq_length"):
+        return False
+    if any(getattr(cache, "is_sliding", None) or []):
+        return False
+    return bool(getattr(cache, "is_croppable", True))
+
+
+def _cropped_copy(cache: Any, length: int) -> Any:
+    """A copy of ``cache`` holding its first ``length`` tokens; the shared cache is untouched."""
+    import copy
+
+    out = copy.deepcopy(cache)
+    extra = out.get_seq_length() - length
+    if extra > 0:
+        # A negative argument removes that many tokens in every transformers version we
+        # support; a positive one meant "keep this many" before 5.x and raises since.
+        out.crop(-extra)
+    if out.get_seq_length() != length:
+        raise NLAError(f"causal: a cache cropped to {length} tokens holds {out.get_seq_length()}")
+    return out
+
+
+@torch.no_grad()
+def patched_logprobs(model: Any, layer: int, ids: list[int], directions: torch.Tensor, *,
+                     shared_cache: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token log-probabilities after ``ids``: row 0 clean, row ``1 + i`` with block
     ``layer``'s output at the last position replaced by ``directions[i]`` rescaled to the
     clean state's norm. Also returns the clean block-``layer`` state at the last position.
@@ -74,16 +111,20 @@ def patched_logprobs(model: Any, layer: int, ids: list[int], directions: torch.T
     see a later one: so the prefix runs once, its key/value cache is copied to every variant,
     and only the last token runs per variant (about ``1 + variants / length`` of the cost of
     running every variant's whole sequence, which is what this computes).
+
+    ``shared_cache`` (see :func:`croppable`): the cache of a forward over a token sequence
+    that starts with ``ids[:-1]``; it is copied and cut to ``len(ids) - 1`` tokens instead of
+    running the prefix again (rows of one document share their prefix, :func:`causal_faithfulness`).
     """
     import copy
 
     block = decoder_blocks(model)[layer]
     dev = next(model.parameters()).device
-    prefix_cache = None
+    prefix: Any = None
     if len(ids) > 1:
-        prefix_cache = model(input_ids=torch.tensor([ids[:-1]], device=dev), use_cache=True,
-                             **_last_logits_only(model)).past_key_values
-    last = ids[-1:] if prefix_cache is not None else ids
+        prefix = (_cropped_copy(shared_cache, len(ids) - 1) if shared_cache is not None
+                  else prefix_cache(model, ids[:-1]))
+    last = ids[-1:] if prefix is not None else ids
     clean_state: list[torch.Tensor] = []
     outs = []
     for start in range(0, max(1, len(directions)), VARIANTS_PER_FORWARD):
@@ -100,9 +141,9 @@ def patched_logprobs(model: Any, layer: int, ids: list[int], directions: torch.T
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         batch = torch.tensor([last] * (1 + len(chunk)), device=dev)
-        kwargs: dict[str, Any] = {"use_cache": prefix_cache is not None}
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)  # the forward appends to it; each chunk starts clean
+        kwargs: dict[str, Any] = {"use_cache": prefix is not None}
+        if prefix is not None:
+            cache = copy.deepcopy(prefix)  # the forward appends to it; each chunk starts clean
             cache.batch_repeat_interleave(len(batch))
             kwargs["past_key_values"] = cache
         handle = block.register_forward_hook(hook)
@@ -113,6 +154,28 @@ def patched_logprobs(model: Any, layer: int, ids: list[int], directions: torch.T
         logp = torch.log_softmax(logits, dim=-1).cpu()
         outs.append(logp if start == 0 else logp[1:])
     return torch.cat(outs), clean_state[0]
+
+
+def prefix_groups(ids: list[list[int]]) -> list[list[int]]:
+    """Row indices grouped so that within a group every row's ``ids[:-1]`` is a prefix of the
+    group's last (longest) row's ``ids[:-1]``: one forward over that serves them all.
+
+    Sorted lexicographically, a sequence lies between any prefix of it and the sequence
+    itself, so a prefix chain is a run of neighbours; a row starts a new group where its
+    predecessor's prefix is not a prefix of its own (another document, or a re-tokenised
+    context whose last token merged differently). Rows without tokens are left out.
+    """
+    order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: ids[i][:-1])
+    groups: list[list[int]] = []
+    for i in order:
+        head = ids[i][:-1]
+        if groups:
+            prev = ids[groups[-1][-1]][:-1]
+            if head[: len(prev)] == prev:
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
 def _last_logits_only(model: Any) -> dict[str, Any]:
@@ -157,14 +220,15 @@ class CausalRows:
 def causal_faithfulness(
     nla: Any, contexts: list[str], vectors: torch.Tensor, recon: torch.Tensor, mean: torch.Tensor,
     texts: list[str] | None = None, *, shuffled: torch.Tensor | None = None, claims: bool = True,
-    batch_size: int = 32, progress: bool = False,
+    batch_size: int = 32, progress: bool = False, share_prefix: bool = True,
 ) -> tuple[dict[str, Any], CausalRows]:
     """The causal block of ``nla eval``: one entry per row of ``contexts`` / ``vectors``.
 
     ``recon`` are the AR's reconstructions of ``texts`` (the AV's explanations); with
     ``claims`` each explanation of two or more claims is also reconstructed once per dropped
     claim. ``shuffled`` maps each row to another row whose reconstruction is patched as a
-    control (default: none).
+    control (default: none). ``share_prefix=False`` runs every row's prefix on its own (the
+    reference the shared-prefix path is tested and benchmarked against).
     """
     from tqdm.auto import tqdm
 
@@ -184,32 +248,49 @@ def causal_faithfulness(
     drop_index = {key: k for k, key in enumerate(flat)}
 
     rows = CausalRows([None] * n, [None] * n, [None] * n, [None] * n, [[] for _ in range(n)])
-    mismatched = 0
     layer = nla.meta.layer_index
-    with base_lm(nla) as model:
-        for i in tqdm(range(n), desc="causal", unit="row", disable=not progress):
-            ids = nla.tokenizer.encode(contexts[i] or "", add_special_tokens=True)
-            if not ids:
-                mismatched += 1
-                continue
-            variants = [vectors[i], recon[i], mean]
-            if shuffled is not None:
-                variants.append(recon[int(shuffled[i])])
-            n_drop = len(drops.get(i, []))
-            if drop_pred is not None:
-                variants += [drop_pred[drop_index[(i, j)]] for j in range(n_drop)]
-            logp, clean = patched_logprobs(model, layer, ids, torch.stack([v.float() for v in variants]))
-            if float(torch.nn.functional.cosine_similarity(clean, vectors[i].float(), dim=0)) < MATCH_COSINE:
-                mismatched += 1
-                continue
-            kls = kl_div(logp[:1], logp[1:]).tolist()
-            rows.kl_true[i], rows.kl_recon[i], rows.kl_mean[i] = kls[0], kls[1], kls[2]
-            k = 3
-            if shuffled is not None:
-                rows.kl_shuffled[i] = kls[3]
-                k = 4
-            rows.claim_delta_kl[i] = [kls[k + j] - kls[1] for j in range(n_drop)]
+    all_ids = [nla.tokenizer.encode(c or "", add_special_tokens=True) for c in contexts]
+    mismatched = sum(1 for ids in all_ids if not ids)
+    with base_lm(nla) as model, tqdm(total=n, desc="causal", unit="row", disable=not progress) as bar:
+        bar.update(mismatched)
+        for group in prefix_groups(all_ids):
+            # Rows of one document share their prefix: one forward over the longest serves
+            # every row of the group, each cutting a copy of its cache to its own length
+            # (the same logits as its own prefix forward, up to float rounding).
+            longest = all_ids[group[-1]]
+            shared = prefix_cache(model, longest[:-1]) if share_prefix and len(group) > 1 else None
+            cut = croppable(shared)
+            for i in group:
+                bar.update(1)
+                # A cache that cannot be cut back still serves the rows it was run for.
+                use = shared if cut or len(all_ids[i]) == len(longest) else None
+                mismatched += _score_row(i, all_ids[i], model, layer, vectors, recon, mean, shuffled, drops,
+                                         drop_pred, drop_index, use, rows)
     return summarize(rows, n, mismatched), rows
+
+
+def _score_row(i: int, ids: list[int], model: Any, layer: int, vectors: torch.Tensor, recon: torch.Tensor,
+               mean: torch.Tensor, shuffled: torch.Tensor | None, drops: dict[int, list[str]],
+               drop_pred: torch.Tensor | None, drop_index: dict[tuple[int, int], int], shared: Any,
+               rows: CausalRows) -> int:
+    """Patch row ``i``'s variants and fill its entries of ``rows``; 1 when the row is left out."""
+    variants = [vectors[i], recon[i], mean]
+    if shuffled is not None:
+        variants.append(recon[int(shuffled[i])])
+    n_drop = len(drops.get(i, []))
+    if drop_pred is not None:
+        variants += [drop_pred[drop_index[(i, j)]] for j in range(n_drop)]
+    logp, clean = patched_logprobs(model, layer, ids, torch.stack([v.float() for v in variants]), shared_cache=shared)
+    if float(torch.nn.functional.cosine_similarity(clean, vectors[i].float(), dim=0)) < MATCH_COSINE:
+        return 1
+    kls = kl_div(logp[:1], logp[1:]).tolist()
+    rows.kl_true[i], rows.kl_recon[i], rows.kl_mean[i] = kls[0], kls[1], kls[2]
+    k = 3
+    if shuffled is not None:
+        rows.kl_shuffled[i] = kls[3]
+        k = 4
+    rows.claim_delta_kl[i] = [kls[k + j] - kls[1] for j in range(n_drop)]
+    return 0
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -261,9 +342,13 @@ def causal_at_positions(nla: Any, ids: list[int], positions: list[int], recon: t
     per-token causal check; same patching as :func:`causal_faithfulness`)."""
     out: list[dict[str, float | None]] = []
     with base_lm(nla) as model:
+        # Every position's prefix is a prefix of ids: one forward up to the last one serves all.
+        shared = prefix_cache(model, ids[: max(positions)]) if len(positions) > 1 else None
+        if shared is not None and not croppable(shared):
+            shared = None
         for i, p in enumerate(positions):
             logp, _ = patched_logprobs(model, nla.meta.layer_index, ids[: p + 1],
-                                       torch.stack([recon[i].float(), mean.float()]))
+                                       torch.stack([recon[i].float(), mean.float()]), shared_cache=shared)
             kl_recon, kl_mean = kl_div(logp[:1], logp[1:]).tolist()
             out.append({"kl_reconstruction": kl_recon, "kl_mean_ablation": kl_mean,
                         "fraction_recovered": fraction_recovered(kl_recon, kl_mean)})
