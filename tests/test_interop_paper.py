@@ -10,6 +10,7 @@ in schema 1). The reference recipe is `nla_inference.py` (`NLAClient._build_embe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -186,6 +187,28 @@ def test_bad_sidecar_names_the_field(tmp_path: Path, which: str, change, message
     _edit((av_dir if which == "av" else ar_dir) / "nla_meta.yaml", change)
     with pytest.raises(NLAError, match=message.replace(".", r"\.")):
         import_layout(av_dir, ar=ar_dir)
+
+
+def test_the_loader_returns_parts_and_the_nla_builds_itself(tmp_path: Path) -> None:
+    """Issue 16 item 6: a layout's loader builds nothing; ``NLA.from_parts`` checks the sidecar's
+    marker against the live tokenizer (naming the field as the paper spells it) and builds."""
+    from nla.interop import load_parts
+    from nla.parts import NLAParts
+
+    av_dir, ar_dir = write_pair(tmp_path)
+    root, parts = load_parts(av_dir, ar=ar_dir)
+    assert root == av_dir and isinstance(parts, NLAParts) and parts.role is None and not parts.share_base
+    assert parts.head is not None and tuple(parts.head.weight.shape) == (48, 48)
+    nla = NLA.from_parts(parts)
+    reference_check(nla, av_dir, ar_dir)
+    _, bad = load_parts(av_dir, ar=ar_dir)
+    bad.meta.tokens = dataclasses.replace(bad.meta.tokens, right_id=bad.meta.tokens.right_id + 1)  # contradicted
+    with pytest.raises(NLAError, match=r"tokens\.injection_right_neighbor_id"):
+        NLA.from_parts(bad)
+    _, bad = load_parts(av_dir, ar=ar_dir)
+    bad.meta.d_model = 64
+    with pytest.raises(NLAError, match="field 'd_model' is 64"):
+        NLA.from_parts(bad)
 
 
 def test_wrong_ar_depth_is_an_off_by_one_error(tmp_path: Path) -> None:

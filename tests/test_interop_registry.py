@@ -31,19 +31,19 @@ def test_shipped_registry_lists_real_releases_only() -> None:
         assert not any(word in r.repo_id for word in ("nla-community", "example", "nanonla/"))
 
 
-def test_broken_registry_entry_names_the_field(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("{layout: paper, repo_id: a/b, base_model: m, layer: 3}", "ar_repo_id"),
+        ("{layout: weird, repo_id: a/b, base_model: m, layer: 3}", "'layout'"),
+        ("{layout: universal, repo_id: a/b, base_model: m}", "'layer'"),
+        ("{layout: universal, repo_id: a/b, base_model: m, layer: 2, options: {depth_pct: 3}}", "depth_pct"),
+    ],
+)
+def test_broken_registry_entry_names_the_field(tmp_path: Path, entry: str, message: str) -> None:
     path = tmp_path / "r.yaml"
-    path.write_text("releases:\n  x: {layout: paper, repo_id: a/b, base_model: m, layer: 3}\n")
-    with pytest.raises(NLAError, match="ar_repo_id"):
-        read_registry(path)
-    path.write_text("releases:\n  x: {layout: weird, repo_id: a/b, base_model: m, layer: 3}\n")
-    with pytest.raises(NLAError, match="'layout'"):
-        read_registry(path)
-    path.write_text("releases:\n  x: {layout: universal, repo_id: a/b, base_model: m}\n")
-    with pytest.raises(NLAError, match="'layer'"):
-        read_registry(path)
-    path.write_text("releases:\n  x: {layout: universal, repo_id: a/b, base_model: m, layer: 2, options: {depth_pct: 3}}\n")
-    with pytest.raises(NLAError, match="depth_pct"):
+    path.write_text(f"releases:\n  x: {entry}\n")
+    with pytest.raises(NLAError, match=message):
         read_registry(path)
 
 
