@@ -64,7 +64,7 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, ge: float | None 
         required: bool = False, **kwargs: Any) -> Any:
     """A config field with its help text (shown by ``--help``) and its constraint.
 
-    ``required``: the value must be given (a non-empty string); the default only marks "unset".
+    ``required``: the value must be given (a non-empty string or list); the default only marks "unset".
     A field without ``ge``/``gt``/``le``/``lt``/``choices`` falls back to :data:`CONVENTIONS`.
     """
     meta: dict[str, Any] = {"help": help, "required": required}
@@ -258,19 +258,20 @@ def check_device(device: str | None, name: str = "device", available: bool = Tru
 
 
 def validate(config: Any, where: str = "config", labels: dict[str, str] | None = None,
-             devices: bool = True) -> None:
+             devices: bool = True, partial: bool = False) -> None:
     """Every field's type, range, finiteness and requiredness, in one place for every config.
 
     ``labels`` names where each given value came from (``--lr``, ``run.yaml: lr``), so the error
     points at the line or flag to fix. ``devices=False``: a device's spelling is checked, not
-    whether it exists here (``nla run --dry-run`` plans GPU runs anywhere).
+    whether it exists here (``nla run --dry-run`` plans GPU runs anywhere). ``partial=True``: a
+    section of a recipe file, whose required settings come from the command line later.
     """
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         label = (labels or {}).get(f.name, f"{where}: {f.name}")
         coerce(value, hints[f.name], label)
-        if f.metadata.get("required") and (value is None or value == ""):
+        if f.metadata.get("required") and not partial and (value is None or value == "" or value == []):
             raise NLAError(f"{where}: {f.name} is required (give {flag_name(f.name)})")
         if isinstance(value, float) and not math.isfinite(value):
             raise NLAError(f"{label}: must be a finite number, got {value!r}")
@@ -291,7 +292,8 @@ def validate(config: Any, where: str = "config", labels: dict[str, str] | None =
         extra()  # cross-field rules of this config (each raises NLAError naming its fields)
 
 
-def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "config", devices: bool = True) -> T:
+def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "config", devices: bool = True,
+                     partial: bool = False) -> T:
     """A validated ``cls`` from a mapping: unknown keys, wrong types and bad ranges are errors."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -303,7 +305,7 @@ def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "config", 
         config = cls(**values)
     except TypeError as exc:
         raise NLAError(f"{where}: {exc}") from None
-    validate(config, where, devices=devices)
+    validate(config, where, devices=devices, partial=partial)
     return config
 
 

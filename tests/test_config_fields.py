@@ -155,3 +155,45 @@ def test_help_lists_the_stages_own_settings_before_the_shared_ones() -> None:
     flags = [a.option_strings[0] for a in parser._actions if a.option_strings]
     assert flags.index("--out") < flags.index("--next-tokens") < flags.index("--seed") < flags.index("--corpus")
     assert len(flags) == len(set(flags)) == len(dataclasses.fields(ExtractConfig)) + 2  # -h, --config
+
+
+def _entries() -> list[tuple[Any, Any, str]]:
+    from nla.data.extract import extract
+    from nla.eval.suite import run_eval
+    from nla.label.runner import label
+    from nla.train.rl import RLTrainer
+    from nla.train.sft import train_sft
+    from nla.universal.cli import cmd_eval, cmd_fit_dec, cmd_fit_enc, train_universal
+    from nla.universal.extract import universal_extract
+
+    return [
+        (extract, ExtractConfig(), "extract: out is required (give --out)"),
+        (universal_extract, UniversalExtractConfig(out="u"), "universal extract: models is required (give --models)"),
+        (label, LabelConfig(), "label: data is required (give --data)"),
+        (train_sft, SFTConfig(data="d"), "train: out is required (give --out)"),
+        (RLTrainer, RLConfig(nla="n", data="d"), "train rl: out is required (give --out)"),
+        (run_eval, EvalConfig(nla="n", out="o"), "eval: data is required (give --data)"),
+        (cmd_fit_enc, FitEncConfig(data="d"), "fit-enc: model is required (give --model)"),
+        (cmd_fit_dec, FitDecConfig(nla="n", data="d"), "fit-dec: model is required (give --model)"),
+        (cmd_eval, UniversalEvalConfig(nla="n"), "universal eval: data is required (give --data)"),
+        (train_universal, UniversalTrainConfig(data="d"), "universal train: out is required (give --out)"),
+        # A bad value of a shared field, given through the Python API, is refused the same way.
+        (extract, ExtractConfig(out="o", docs_per_shard=0), "extract: docs_per_shard: must be at least 1, got 0"),
+        (label, LabelConfig(data="d", dtype="fp8"), "label: dtype: expected one of"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_entry_functions_check_their_config_before_any_work(index: int, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Called from Python (no flags, no YAML), each stage's entry function runs the same
+    nla.config.validate as the CLI: a missing required setting is one line naming its flag, and
+    nothing is written (the relative paths above would land in the working folder)."""
+    monkeypatch.chdir(tmp_path)
+    entries = _entries()
+    assert len(entries) == 12
+    fn, cfg, message = entries[index]
+    with pytest.raises(NLAError) as err:
+        fn(cfg)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []

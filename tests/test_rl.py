@@ -379,9 +379,9 @@ def test_bad_settings_are_one_line_errors(warm_start: Path, tiny_dataset: Path, 
     from nla.cli import main
 
     base = ["train", "rl", "--nla", str(warm_start), "--data", str(tiny_dataset), "--out", str(tmp_path / "x")]
-    with pytest.raises(NLAError, match="--group-size >= 2"):
+    with pytest.raises(NLAError, match=r"^train rl: group_size: must be at least 2, got 1$"):
         RLTrainer(RLConfig(nla=str(warm_start), data=str(tiny_dataset), out=str(tmp_path), group_size=1))
-    with pytest.raises(NLAError, match="--nla is required"):
+    with pytest.raises(NLAError, match=r"^train rl: nla is required \(give --nla\)$"):
         RLTrainer(RLConfig(data=str(tiny_dataset), out=str(tmp_path)))
     with pytest.raises(NLAError, match="--eval-split 'rl': choose a held-out split"):
         RLTrainer(RLConfig(nla=str(warm_start), data=str(tiny_dataset), out=str(tmp_path), eval_split="rl"))

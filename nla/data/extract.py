@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from nla.config import opt, save_config
+from nla.config import opt, save_config, validate
 from nla.config_fields import CorpusFields, RuntimeFields
 from nla.data.corpus import Document, load_corpus
 from nla.data.sampling import assign_split, parse_split, sample_positions
@@ -39,7 +39,7 @@ class ExtractConfig(CorpusFields, RuntimeFields):
     seq_len: int = opt(512, help="truncate documents to this many tokens")
     batch_size: int = opt(8, help="documents per forward pass")
     next_tokens: int = opt(0, help="also store the model's top-N next-token ids and probabilities per row "
-                           "(runs the blocks after K; the lens teacher then needs no forward pass of its own)")
+                           "(runs the blocks after K; the lens teacher then needs no forward pass of its own)", ge=0)
 
 
 def _meta_for(cfg: ExtractConfig, model_spec: str, layer: int, d_model: int, n_layers: int) -> DatasetMeta:
@@ -93,12 +93,7 @@ def check_compatible(existing: DatasetMeta, wanted: DatasetMeta, where: Path) ->
 def extract(cfg: ExtractConfig) -> ActivationDataset:
     from nla.models.loading import canonical_spec, load_model, pick_device
 
-    if not cfg.out:
-        raise NLAError("extract: --out is required")
-    if cfg.positions_per_doc < 1 or cfg.batch_size < 1 or cfg.docs_per_shard < 1:
-        raise NLAError("extract: --positions-per-doc, --batch-size and --docs-per-shard must be ≥ 1")
-    if cfg.next_tokens < 0:
-        raise NLAError(f"extract: --next-tokens must be ≥ 0, got {cfg.next_tokens}")
+    validate(cfg, "extract")  # the Python API gets the checks of flags and YAML (required --out, ranges)
     out = Path(cfg.out)
     # Under `accelerate launch` every rank extracts whole shards (docs/scaling.md); one process
     # otherwise. The main process alone checks and writes the folder's metadata.

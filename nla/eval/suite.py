@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nla import metrics
-from nla.config import opt
+from nla.config import opt, validate
 from nla.config_fields import (
     AnswerFields,
     BackendFields,
@@ -65,9 +65,9 @@ MAX_CLAIMS = 8
 
 @dataclass
 class EvalConfig(SamplingFields, BackendFields, RuntimeFields, LoggingFields):
-    nla: str = opt("", help="NLA bundle folder")
-    data: str = opt("", help="activation dataset folder (or single .parquet file) to evaluate on")
-    out: str = opt("", help="report folder: metrics.json, samples.jsonl, index.html, plots/")
+    nla: str = opt("", help="NLA bundle folder", required=True)
+    data: str = opt("", help="activation dataset folder (or single .parquet file) to evaluate on", required=True)
+    out: str = opt("", help="report folder: metrics.json, samples.jsonl, index.html, plots/", required=True)
     split: str = opt("eval", help="split to evaluate (av_sft, ar_sft, rl, eval)")
     max_rows: int | None = opt(None, help="evaluate at most N rows of the split (a seeded sample; default: all)")
     n_candidates: int = opt(16, help="top-1 retrieval: the true vector among N candidates (chance = 1/N)")
@@ -836,12 +836,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     from nla.config import save_config
     from nla.eval.report import write_report
 
-    if not cfg.nla:
-        raise NLAError("--nla is required (the bundle to evaluate)")
-    if not cfg.data:
-        raise NLAError("--data is required (the activation dataset)")
-    if not cfg.out:
-        raise NLAError("--out is required (the report folder)")
+    validate(cfg, "eval")  # the Python API gets the checks of flags and YAML (required, ranges)
     if cfg.split not in SPLITS:
         raise NLAError(f"--split {cfg.split!r}: unknown split (splits: {', '.join(SPLITS)})")
     from nla.train.loop import check_logging_backends

@@ -35,7 +35,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from nla.config import opt, save_config
+from nla.config import opt, save_config, validate
 from nla.config_fields import ModelFields, ProgressFields
 from nla.data.store import (
     LABELS_KIND,
@@ -480,10 +480,7 @@ class LabelRunner:
 
 def label(cfg: LabelConfig) -> LabelSummary:
     """Write (or resume) a labels table for a dataset; see the module docstring."""
-    if not cfg.data:
-        raise NLAError("label: --data is required")
-    if cfg.concurrency < 1 or cfg.batch_size < 1 or cfg.max_retries < 0 or cfg.timeout <= 0:
-        raise NLAError("label: --concurrency and --batch-size must be ≥ 1, --max-retries ≥ 0, --timeout > 0")
+    validate(cfg, "label")  # the Python API gets the checks of flags and YAML (required --data, ranges)
     unknown = [s for s in cfg.splits if s not in SPLITS]
     if unknown:
         raise NLAError(f"label: unknown split {unknown[0]!r} (splits: {', '.join(SPLITS)})")

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from nla import metrics
-from nla.config import BUNDLE_ENTRIES, claim_output, config_to_dict, opt, save_config
+from nla.config import BUNDLE_ENTRIES, claim_output, config_to_dict, opt, save_config, validate
 from nla.config_fields import (
     AnswerFields,
     BackendFields,
@@ -83,12 +83,13 @@ RL_RESUME_FREE = frozenset({"resume", "force", "progress", "device", "save_every
 class RLConfig(SamplingFields, BackendFields, LoRAFields, RuntimeFields, LoggingFields):
     """Settings of ``nla train rl`` (each docstring-like help is the ``--help`` line)."""
 
-    nla: str = opt("", help="warm-start bundle (e.g. the output of `nla train sft`)")
-    data: str = opt("", help="activation dataset; RL samples its 'rl' split, evaluates on 'eval'")
-    out: str = opt("", help="run directory: final bundle, metrics.jsonl, curves.png, checkpoints/")
+    nla: str = opt("", help="warm-start bundle (e.g. the output of `nla train sft`)", required=True)
+    data: str = opt("", help="activation dataset; RL samples its 'rl' split, evaluates on 'eval'", required=True)
+    out: str = opt("", help="run directory: final bundle, metrics.jsonl, curves.png, checkpoints/", required=True)
     steps: int = opt(100, help="optimizer steps (one batch of activations each)")
     batch_size: int = opt(8, help="activation vectors per step")
-    group_size: int = opt(4, help="G: explanations sampled per vector (advantages are normalised within it)")
+    group_size: int = opt(4, help="G: explanations sampled per vector (advantages are normalised within it; a "
+                                  "group of 1 has no baseline)", ge=2)
     # The group's field with RL's own help: here the cap also decides the reward.
     max_new_tokens: int = override(AnswerFields, "max_new_tokens", 64,
                                    help="answer length limit; an answer cut off here gets the invalid reward")
@@ -385,16 +386,10 @@ class RLTrainer:
         from nla.data.store import SPLITS, ActivationDataset
 
         self.cfg = cfg
-        for name in ("nla", "data", "out"):
-            if not getattr(cfg, name):
-                raise NLAError(f"--{name} is required")
-        if cfg.batch_size < 1 or cfg.group_size < 2:
-            raise NLAError("need --batch-size >= 1 and --group-size >= 2 (a group of 1 has no baseline)")
+        validate(cfg, "train rl")  # the Python API gets the checks of flags and YAML (required, ranges)
         if cfg.eval_split not in SPLITS or cfg.eval_split == "rl":
             raise NLAError(f"--eval-split {cfg.eval_split!r}: choose a held-out split other than 'rl' "
                            f"({', '.join(s for s in SPLITS if s != 'rl')})")
-        if cfg.updates_per_batch < 1:
-            raise NLAError(f"--updates-per-batch must be >= 1, got {cfg.updates_per_batch}")
         if cfg.load_in_4bit:
             if cfg.lora_r <= 0:
                 raise NLAError("--load-in-4bit trains LoRA adapters on frozen 4-bit weights; --lora-r 0 (full "

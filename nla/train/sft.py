@@ -63,8 +63,9 @@ SPLIT_OF = {"av": "av_sft", "ar": "ar_sft"}
 
 @dataclass
 class SFTConfig(LoRAFields, RuntimeFields, LoggingFields):
-    data: str = opt("", help="activation dataset folder with explanations (`nla label` fills them)")
-    out: str = opt("", help="run folder: final bundle, checkpoints/, metrics.jsonl, curves.png, train_config.yaml")
+    data: str = opt("", help="activation dataset folder with explanations (`nla label` fills them)", required=True)
+    out: str = opt("", help="run folder: final bundle, checkpoints/, metrics.jsonl, curves.png, train_config.yaml",
+                   required=True)
     nla: str | None = opt(None, help="start from this bundle (a previous run); default: a fresh bundle from --data's base model")
     model: str | None = opt(None, help="base model for a fresh bundle (default: the dataset's)")
     lora: bool = opt(True, help="train LoRA adapters (--no-lora: full fine-tuning)")
@@ -90,11 +91,13 @@ class SFTConfig(LoRAFields, RuntimeFields, LoggingFields):
     max_steps: int | None = opt(None, help="optimizer steps per model (overrides --epochs)")
     ar_max_steps: int | None = opt(None, help="AR optimizer steps (default: --max-steps)")
     ar_adapt_steps: int = opt(0, help="after the AR phase, AR steps on the AV's own (greedy) explanations of --ar-adapt-rows "
-                              "ar_sft rows, mixed with teacher labels: the AR learns what the AV's words are worth (0: off)")
-    ar_adapt_rows: int = opt(512, help="ar_adapt: ar_sft rows the AV explains (a seeded sample; answers cached in --out)")
+                              "ar_sft rows, mixed with teacher labels: the AR learns what the AV's words are worth (0: off)", ge=0)
+    ar_adapt_rows: int = opt(512, help="ar_adapt: ar_sft rows the AV explains (a seeded sample; answers cached in --out)",
+                             ge=1)
     ar_adapt_lr: float = opt(2e-4, help="ar_adapt: AR learning rate (the value head keeps its AR-phase ratio --head-lr/--ar-lr)")
-    ar_adapt_teacher_fraction: float = opt(0.5, help="ar_adapt: fraction of rows that are teacher labels")
-    ar_adapt_max_new_tokens: int = opt(72, help="ar_adapt: most tokens per AV answer (as `nla eval --max-new-tokens`)")
+    ar_adapt_teacher_fraction: float = opt(0.5, help="ar_adapt: fraction of rows that are teacher labels", ge=0, lt=1)
+    ar_adapt_max_new_tokens: int = opt(72, help="ar_adapt: most tokens per AV answer (as `nla eval --max-new-tokens`)",
+                                       ge=1)
     warmup_ratio: float = opt(0.05, help="fraction of steps of linear warm-up before the cosine decay")
     min_lr_ratio: float = opt(0.0, help="the cosine decays to this fraction of the learning rate")
     max_grad_norm: float = opt(1.0, help="gradient clipping norm (0: off)")
@@ -446,18 +449,8 @@ def check_settings(cfg: SFTConfig, targets: list[str] | None) -> list[str]:
         if t not in TARGETS:
             raise NLAError(f"unknown training target {t!r} (choose from {', '.join(TARGETS)})")
     validate(cfg, "train")  # the Python API gets the same checks as flags and YAML
-    if not cfg.data:
-        raise NLAError("train: --data is required")
-    if not cfg.out:
-        raise NLAError("train: --out is required")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise NLAError("train: --batch-size and --grad-accum must be ≥ 1")
     if cfg.eval_split not in SPLITS:
         raise NLAError(f"train: --eval-split {cfg.eval_split!r} is not a split (choose from {', '.join(SPLITS)})")
-    if cfg.ar_adapt_steps < 0 or cfg.ar_adapt_rows < 1 or cfg.ar_adapt_max_new_tokens < 1:
-        raise NLAError("train: --ar-adapt-steps must be ≥ 0, --ar-adapt-rows and --ar-adapt-max-new-tokens ≥ 1")
-    if not 0 <= cfg.ar_adapt_teacher_fraction < 1:
-        raise NLAError(f"train: --ar-adapt-teacher-fraction must be in [0, 1), got {cfg.ar_adapt_teacher_fraction}")
     if cfg.load_in_4bit:
         if not cfg.lora:
             raise NLAError("--load-in-4bit trains LoRA adapters on frozen 4-bit weights; --no-lora cannot update them")

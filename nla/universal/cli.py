@@ -26,7 +26,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from nla.config import opt, save_config
+from nla.config import opt, save_config, validate
 from nla.config_fields import AnswerFields, DeviceFields, RuntimeFields, SeedFields
 from nla.errors import NLAError
 from nla.meta import META_NAME, read_yaml, write_yaml
@@ -56,8 +56,8 @@ class LstsqFields:
 # ---------------------------------------------------------------- fit-enc
 @dataclass
 class FitEncConfig(LstsqFields):
-    data: str = opt("", help="universal extraction folder (`nla universal extract`)")
-    model: str = opt("", help="tag of the model to map (its activations → the anchor's)")
+    data: str = opt("", help="universal extraction folder (`nla universal extract`)", required=True)
+    model: str = opt("", help="tag of the model to map (its activations → the anchor's)", required=True)
     anchor: str | None = opt(None, help="target tag (default: the extraction's anchor)")
     source: str = opt("positions", help="paired rows: 'positions' (same text prefix) or 'pooled' (per-passage means)")
     ridge: float = opt(0.0, help="relative ridge λ (× mean per-dimension energy of the inputs); 0: plain least squares")
@@ -117,8 +117,7 @@ def _print_fit(kind: str, tag: str, result: FitResult) -> None:
 
 
 def cmd_fit_enc(cfg: FitEncConfig) -> FitResult:
-    if not cfg.data or not cfg.model:
-        raise NLAError("fit-enc: --data and --model are required")
+    validate(cfg, "fit-enc")  # required --data and --model, as from flags and YAML
     data = UniversalData(cfg.data)
     result = fit_enc(data, cfg.model, cfg.anchor, source=cfg.source, ridge=cfg.ridge, driver=cfg.driver)
     maps = Path(cfg.out) if cfg.out else data.root / ADAPTERS
@@ -161,9 +160,9 @@ def fit_dec(nla: Any, tag: str, enc: nn.Linear, native: torch.Tensor, *, ridge: 
 
 @dataclass
 class FitDecConfig(LstsqFields, AnswerFields, DeviceFields, SeedFields):
-    nla: str = opt("", help="universal bundle (from `nla universal train`); the map is written into it")
-    data: str = opt("", help="universal extraction folder with the model's activations")
-    model: str = opt("", help="tag of the model")
+    nla: str = opt("", help="universal bundle (from `nla universal train`); the map is written into it", required=True)
+    data: str = opt("", help="universal extraction folder with the model's activations", required=True)
+    model: str = opt("", help="tag of the model", required=True)
     rows: int = opt(256, help="training-split rows round-tripped through AV and AR to fit on")
     ridge: float = opt(1e-3, help="relative ridge λ (the AR's predictions are low-rank: a little ridge keeps dec sane)")
     batch_size: int = opt(32, help="sequences per generation / AR batch")
@@ -198,8 +197,7 @@ def _split_vectors(data: UniversalData, tag: str, train: bool) -> torch.Tensor:
 
 
 def cmd_fit_dec(cfg: FitDecConfig) -> FitResult:
-    if not (cfg.nla and cfg.data and cfg.model):
-        raise NLAError("fit-dec: --nla, --data and --model are required")
+    validate(cfg, "fit-dec")  # required --nla, --data and --model, as from flags and YAML
     u = UniversalNLA.from_pretrained(cfg.nla, device=cfg.device)
     data = UniversalData(cfg.data)
     enc = u.maps[cfg.model][0] if cfg.model in u.maps else load_enc(data.root / ADAPTERS, cfg.model)
@@ -219,8 +217,8 @@ def _model_info(data: UniversalData, tag: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- eval
 @dataclass
 class UniversalEvalConfig(AnswerFields, DeviceFields):
-    nla: str = opt("", help="universal bundle")
-    data: str = opt("", help="universal extraction folder (each model's `eval` split is used)")
+    nla: str = opt("", help="universal bundle", required=True)
+    data: str = opt("", help="universal extraction folder (each model's `eval` split is used)", required=True)
     models: list[str] = opt([], help="tags to evaluate (default: every bundle tag extracted in --data)")
     rows: int = opt(64, help="eval rows per model")
     batch_size: int = opt(32, help="sequences per generation / AR batch")
@@ -266,8 +264,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def cmd_eval(cfg: UniversalEvalConfig) -> list[dict[str, Any]]:
-    if not (cfg.nla and cfg.data):
-        raise NLAError("eval: --nla and --data are required")
+    validate(cfg, "universal eval")  # required --nla and --data, as from flags and YAML
     u = UniversalNLA.from_pretrained(cfg.nla, device=cfg.device)
     data = UniversalData(cfg.data)
     tags = list(cfg.models) or [t for t in u.tags if data.models.get(t, {}).get("complete")]
@@ -289,8 +286,8 @@ def cmd_eval(cfg: UniversalEvalConfig) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- train
 @dataclass
 class UniversalTrainConfig(LstsqFields, AnswerFields, DeviceFields, SeedFields):
-    data: str = opt("", help="universal extraction folder; at least one model's dataset labelled (`nla label`)")
-    out: str = opt("", help="run folder: shared/ (the tagged dataset), sft/ (the SFT run), bundle/ (the result)")
+    data: str = opt("", help="universal extraction folder; at least one model's dataset labelled (`nla label`)", required=True)
+    out: str = opt("", help="run folder: shared/ (the tagged dataset), sft/ (the SFT run), bundle/ (the result)", required=True)
     models: list[str] = opt([], help="tags to train on (default: the anchor and every tag with an enc map)")
     maps: str | None = opt(None, help="folder of enc maps from fit-enc (default: DATA/adapters)")
     sft: dict[str, Any] = opt({}, help="settings for the SFT trainer (any `nla train sft` field; YAML only)")
@@ -354,8 +351,7 @@ def train_universal(cfg: UniversalTrainConfig) -> Path:
     """Shared dataset → SFT (the ordinary trainer) → dec per model → a universal bundle in OUT/bundle."""
     from nla.train.sft import SFTConfig, train_sft
 
-    if not (cfg.data and cfg.out):
-        raise NLAError("universal train: --data and --out are required")
+    validate(cfg, "universal train")  # required --data and --out, as from flags and YAML
     data = UniversalData(cfg.data)
     maps_dir = Path(cfg.maps) if cfg.maps else data.root / ADAPTERS
     tags = list(cfg.models) or [data.anchor, *sorted(t for t in data.models if t != data.anchor
@@ -474,7 +470,8 @@ def check_recipe(path: str | Path) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise NLAError(f"{path}: section {key!r} must be a mapping")
         cls = COMMANDS[names[key]][0]
-        config_from_dict(cls, {k: v for k, v in value.items()}, where=f"{path}: {key}")
+        # A section holds shared settings; required ones (--model, ...) come with each command.
+        config_from_dict(cls, {k: v for k, v in value.items()}, where=f"{path}: {key}", partial=True)
     return data
 
 

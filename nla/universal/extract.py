@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from nla.config import opt, save_config
+from nla.config import opt, save_config, validate
 from nla.config_fields import CorpusFields, RuntimeFields
 from nla.data.corpus import Document, load_corpus
 from nla.data.sampling import assign_split, parse_assignments, parse_split, sample_positions
@@ -66,9 +66,9 @@ SHARED_SETTINGS = ("corpus", "text_column", "id_column", "docs", "positions_per_
 
 @dataclass
 class UniversalExtractConfig(CorpusFields, RuntimeFields):
-    out: str = opt("", help="output folder (one activation dataset per model inside)")
+    out: str = opt("", help="output folder (one activation dataset per model inside)", required=True)
     models: list[str] = opt([], help="models as TAG=SPEC or SPEC (hub id, path, 'default', 'gemma3-270m', "
-                            "'tiny:<arch>'); the first is the anchor unless --anchor says otherwise")
+                            "'tiny:<arch>'); the first is the anchor unless --anchor says otherwise", required=True)
     anchor: str | None = opt(None, help="tag of the anchor model (whose token ends choose the shared offsets)")
     layers: list[str] = opt([], help="TAG=K per model; layer K = output of decoder block K (0-based) = "
                             "hidden_states[K+1]; default (2*n_layers)//3 (the embedded models: their own)")
@@ -358,12 +358,7 @@ def _extract_shard(out: Path, index: int, docs: list[Document], offsets: dict[st
 
 
 def universal_extract(cfg: UniversalExtractConfig) -> UniversalData:
-    if not cfg.out:
-        raise NLAError("universal extract: --out is required")
-    if not cfg.models:
-        raise NLAError("universal extract: --models is required (the first is the anchor)")
-    if cfg.positions_per_doc < 1 or cfg.batch_size < 1 or cfg.docs_per_shard < 1:
-        raise NLAError("universal extract: --positions-per-doc, --batch-size and --docs-per-shard must be ≥ 1")
+    validate(cfg, "universal extract")  # required --out and --models, ranges: as from flags and YAML
     models = parse_models(cfg.models)
     anchor = cfg.anchor or next(iter(models))
     if anchor not in models:
