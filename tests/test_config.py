@@ -151,15 +151,16 @@ def test_yaml_bool_must_be_a_bool_and_ranges_apply_to_yaml(tmp_path: Path) -> No
 
     with pytest.raises(NLAError, match="extract: docs: must be at least 1, got -3"):
         plan(load_run_config(str(run), {"work_dir": str(tmp_path / "w")}))
+    paths = {"nla": "n", "data": "d", "out": "o"}  # required settings of RLConfig
     with pytest.raises(NLAError, match="lr: must be greater than 0"):
-        config_from_dict(RLConfig, {"lr": "-1e-4"})
-    assert config_from_dict(RLConfig, {"lr": "1e-4", "reward_weights": ["1", 2]}).reward_weights == [1.0, 2.0]
+        config_from_dict(RLConfig, {**paths, "lr": "-1e-4"})
+    assert config_from_dict(RLConfig, {**paths, "lr": "1e-4", "reward_weights": ["1", 2]}).reward_weights == [1.0, 2.0]
 
 
 def test_rl_section_of_a_run_file_is_read_by_train_rl(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("rl: false\nrl_train:\n  steps: 7\n  lr: 5.0e-4\n")
-    ns = argparse.Namespace(config=str(path))
+    ns = argparse.Namespace(config=str(path), nla="n", data="d", out="o")
     cfg = resolve_config(RLConfig, ns, section="rl")
     assert cfg.steps == 7 and cfg.lr == 5e-4
 
