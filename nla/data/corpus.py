@@ -87,6 +87,20 @@ def _folder_documents(path: Path) -> list[Document]:
     return docs
 
 
+def _row_document(row: dict, i: int, text_column: str, id_column: str, where: str, label: str) -> Document | None:
+    """Row ``i`` as a Document (None for empty text); one rule for local tables and hf: streams.
+
+    Id: the ``id_column`` value, else ``<label>:<i>`` (docs/formats.md).
+    """
+    text = row.get(text_column)
+    if not isinstance(text, str):
+        raise NLAError(f"{where}: row {i} has a non-text {text_column!r} value")
+    if not text.strip():
+        return None
+    doc_id = row.get(id_column)
+    return Document(str(doc_id) if doc_id is not None else f"{label}:{i}", text)
+
+
 def _row_documents(path: Path, rows: list[dict], text_column: str, id_column: str) -> list[Document]:
     if not rows:
         raise NLAError(f"{path}: file is empty")
@@ -95,15 +109,8 @@ def _row_documents(path: Path, rows: list[dict], text_column: str, id_column: st
             f"{path}: no column {text_column!r} (columns: {', '.join(map(str, rows[0]))}); "
             "pass --text-column"
         )
-    docs = []
-    for i, row in enumerate(rows):
-        text = row.get(text_column)
-        if not isinstance(text, str):
-            raise NLAError(f"{path}: row {i} has a non-text {text_column!r} value")
-        if not text.strip():
-            continue
-        doc_id = row.get(id_column)
-        docs.append(Document(str(doc_id) if doc_id is not None else f"{path.name}:{i}", text))
+    docs = [d for i, row in enumerate(rows)
+            if (d := _row_document(row, i, text_column, id_column, str(path), path.name)) is not None]
     if not docs:
         raise NLAError(f"{path}: every row has empty text")
     return docs
@@ -192,13 +199,9 @@ def _hf_documents(source: str, text_column: str, id_column: str, max_docs: int |
         i += 1
         if text_column not in row:
             raise NLAError(f"{source}: no column {text_column!r} (columns: {', '.join(map(str, row))}); pass --text-column")
-        text = row[text_column]
-        if not isinstance(text, str):
-            raise NLAError(f"{source}: row {i} has a non-text {text_column!r} value")
-        if not text.strip():
-            continue
-        doc_id = row.get(id_column)
-        docs.append(Document(str(doc_id) if doc_id is not None else f"{label}:{i}", text))
+        doc = _row_document(row, i, text_column, id_column, source, label)
+        if doc is not None:
+            docs.append(doc)
     if not docs:
         raise NLAError(f"{source}: no rows with text" if i >= 0 else f"{source}: the split {split!r} is empty")
     return docs
