@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from nla.cli import add_device_flag
 from nla.config import DTYPE_CHOICES, check_device, claim_bundle_folder
 from nla.errors import NLAError
 
@@ -159,7 +160,7 @@ def register(sub: Any) -> None:
     p.add_argument("--sample", action="store_true", help="sample even with --n 1 (default greedy)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    add_device_flag(p)
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="dtype to load the bundle in")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_verbalize)
@@ -168,7 +169,7 @@ def register(sub: Any) -> None:
     p.add_argument("--nla", required=True, help="bundle folder")
     p.add_argument("texts", nargs="+", help="explanation texts")
     p.add_argument("--out", default=None, help="write the vectors to this .safetensors file")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    add_device_flag(p)
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="dtype to load the bundle in")
     p.add_argument("--json", action="store_true", help="print JSON (default when --out is not given)")
     p.set_defaults(func=cmd_reconstruct)

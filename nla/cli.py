@@ -111,6 +111,14 @@ def checkpoint_write_message(exc: BaseException) -> str | None:
     return f"{where or 'a checkpoint'}: writing failed (disk full or folder not writable?)"
 
 
+def add_device_flag(p: argparse.ArgumentParser) -> None:
+    """The ``--device`` flag of every command that loads a bundle itself: one name, default and help.
+
+    The value goes to ``nla.config.check_device`` / ``resolve_device`` (``auto``: cuda when available).
+    """
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="nla",

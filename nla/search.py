@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from nla.cli import add_device_flag
 from nla.errors import NLAError
 
 DEFAULT_K = 10
@@ -159,5 +160,5 @@ def register(sub: Any) -> None:
     p.add_argument("--explain", action="store_true", help="also verbalize each hit with the AV")
     p.add_argument("--max-new-tokens", type=int, default=48, help="AV generation budget with --explain")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    add_device_flag(p)
     p.set_defaults(func=cmd_search)

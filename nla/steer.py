@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from nla.cli import add_device_flag
 from nla.errors import NLAError
 from nla.models.layers import decoder_blocks
 from nla.search import concept_direction, normalized
@@ -193,5 +194,5 @@ def register(sub: Any) -> None:
     p.add_argument("--chat", action="store_true", help="render the prompt as a user message with the chat template")
     p.add_argument("--no-verbalize", action="store_true", help="skip the AV check (generations only)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    add_device_flag(p)
     p.set_defaults(func=cmd_steer)

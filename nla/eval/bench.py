@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from nla.cli import add_device_flag
 from nla.config import DTYPE_CHOICES
 from nla.errors import NLAError
 from nla.meta import META_NAME, read_yaml, write_yaml
@@ -386,7 +387,7 @@ def register(sub: Any) -> None:
     r.add_argument("bench", help="bench folder (from `nla bench make`)")
     r.add_argument("--nla", action="append", default=[], help="bundle folder or release, NAME=PATH to name it (repeat)")
     r.add_argument("--out", required=True, help="leaderboard folder")
-    r.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    add_device_flag(r)
     r.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="model dtype (default: float32)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_bench)

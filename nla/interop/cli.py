@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from nla.cli import add_device_flag
+
 
 def cmd_import(args: Any) -> None:
     from nla.config import check_device, claim_bundle_folder
@@ -75,7 +77,7 @@ def register(sub: Any) -> None:
     p.add_argument("--load-in-4bit", action="store_true", help="anicka/Solshine: 4-bit base for the AV (bitsandbytes)")
     p.add_argument("--force", action="store_true", help="replace --out if it already holds a bundle")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="dtype to load and write the weights in")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    add_device_flag(p)
     p.set_defaults(func=cmd_import)
     r = sub.add_parser("releases", help="list known released NLAs (names for NLA.from_pretrained / nla import)")
     r.add_argument("--json", action="store_true")
