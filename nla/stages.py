@@ -50,9 +50,9 @@ class RunConfig:
     label: dict[str, Any] = opt({"batch_size": 64}, help="settings for `nla label`")
     sft: dict[str, Any] = opt(
         # ar_adapt: the AR then reads the AV's own answers (nla/train/adapt.py; docs/benchmarks.md).
-        {"max_steps": 200, "ar_max_steps": 200, "lr": 1e-3, "ar_lr": 2e-3, "head_lr": 5e-3, "batch_size": 8,
-         "max_length": 128, "eval_every": 0, "save_every": 50, "eval_rows": 128,
-         "ar_adapt_steps": 150, "ar_adapt_rows": 384, "ar_adapt_lr": 2e-4},
+        {"max_steps": 200, "ar_max_steps": 300, "lr": 1e-3, "ar_lr": 2e-3, "head_lr": 5e-3, "batch_size": 8,
+         "max_length": 128, "eval_every": 0, "save_every": 50, "eval_rows": 64,
+         "ar_adapt_steps": 150, "ar_adapt_rows": 384, "ar_adapt_lr": 5e-4},
         help="settings for `nla train sft`",
     )
     rl_train: dict[str, Any] = opt(
