@@ -380,17 +380,15 @@ class HFTeacher(Teacher):
     def _generate(self, contexts: list[str]) -> list[str | None]:
         import torch
 
+        from nla.models.forward import pad_batch
+
         if self._lm is None:
             self.prepare({})
         tok, lm = self._tok, self._lm
         seqs = [self._prompt_ids(c) for c in contexts]
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
+        ids, mask = pad_batch(seqs, pad, side="left")  # left: generation continues every row at its end
+        width = ids.shape[1]
         device = next(lm.parameters()).device
         sample = self.temperature > 0
         with torch.no_grad():
