@@ -18,22 +18,22 @@ def text_config(config: Any) -> Any:
     return getattr(config, "text_config", None) or config
 
 
-def num_layers(config: Any) -> int:
+def _config_int(config: Any, names: tuple[str, ...], what: str) -> int:
+    """The first int among ``names`` on the text config: architectures spell one field differently."""
     cfg = text_config(config)
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+    for name in names:
         value = getattr(cfg, name, None)
         if isinstance(value, int):
             return value
-    raise NLAError(f"cannot tell the number of layers of a {type(config).__name__}")
+    raise NLAError(f"cannot tell the {what} of a {type(config).__name__}")
+
+
+def num_layers(config: Any) -> int:
+    return _config_int(config, ("num_hidden_layers", "n_layer", "num_layers"), "number of layers")
 
 
 def hidden_size(config: Any) -> int:
-    cfg = text_config(config)
-    for name in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int):
-            return value
-    raise NLAError(f"cannot tell the hidden size of a {type(config).__name__}")
+    return _config_int(config, ("hidden_size", "n_embd", "d_model"), "hidden size")
 
 
 def default_layer(n_layers: int) -> int:
