@@ -118,6 +118,16 @@ def read_sidecar(path: str | Path, kind: str, missing: str) -> dict[str, Any]:
     return data
 
 
+def dig(data: Any, dotted: str) -> Any:
+    """``data["a"]["b"]`` for ``"a.b"``; None where a step is missing or not a mapping."""
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def require(data: dict[str, Any], dotted: str, where: str | Path, kind: type | tuple = object,
             positive: bool = False) -> Any:
     """``data['a']['b']`` for ``'a.b'``, or an error naming the missing/invalid field.

@@ -48,7 +48,7 @@ from nla.interop.common import (
     resolve_scale,
     sidecar,
 )
-from nla.meta import META_NAME, require
+from nla.meta import META_NAME, dig, require
 from nla.models.injection import MarkerTokens
 from nla.models.verbalizer import InjectionSettings
 from nla.parts import BundleMeta, NLAParts
@@ -73,18 +73,9 @@ def _role(root: Path, data: dict[str, Any]) -> str:
     return "ar" if (root / "value_head.safetensors").exists() else "av"
 
 
-def _dig(data: dict[str, Any], dotted: str) -> Any:
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def layer_fields(data: dict[str, Any], label: str) -> dict[str, Any]:
     """Every spelling of K present in one sidecar, keyed ``field (label)`` for error messages."""
-    return {f"{name} ({label})": _dig(data, name) for name in LAYER_FIELDS}
+    return {f"{name} ({label})": dig(data, name) for name in LAYER_FIELDS}
 
 
 def is_paper_dir(root: Path) -> bool:
